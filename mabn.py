@@ -1,0 +1,662 @@
+"""MABN: Test-Time Domain Adaptation by Learning Domain-Aware Batch Normalization (AAAI 2024, arXiv 2312.10165).
+
+A single-file reference implementation. The method, in three lines:
+  1. Train backbone + linear head jointly with a BYOL auxiliary branch on all source domains (Eq. 2).
+  2. Freeze weights and BN statistics; meta-learn only the BN affine (gamma, beta) so that one BYOL step on a
+     domain's unlabelled support set improves the labelled loss on a disjoint query set (Alg. 1, Eq. 3-4).
+  3. At test time, per target domain: one BYOL step on k unlabelled images, then predict the whole domain.
+
+Commands:
+  python mabn.py                                  # offline default benchmark (sklearn digits, 20 domains)
+  python mabn.py --dataset iwildcam --root_dir DATA
+  python -m pytest -q test_mabn.py
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+# ----------------------------------------------------------------------------------------------------------
+# Flags and per-dataset defaults (one dict). A flag left unset takes its dataset's value.
+# ----------------------------------------------------------------------------------------------------------
+RGB_AUG = dict(min_scale=0.6, max_rot=0.0, flip=True, jitter=0.4, noise=0.0)
+DATASETS = {
+    # Offline default: sklearn's bundled handwritten digits rendered by 20 "cameras" (see make_digits).
+    "digits": dict(backbone="small_resnet", img_size=16, n_adapt=32, batch_size=64, lr=2e-3, weight_decay=0.0,
+                   epochs=12, lr_decay_epoch=8, meta_epochs=6, n_support=32, n_query=32, inner_lr=0.1,
+                   outer_lr=1e-3, proj_hidden=256, proj_dim=64, eval_batch_size=256,
+                   aug=dict(min_scale=0.7, max_rot=15.0, flip=False, jitter=0.4, noise=0.05)),
+}
+DEFAULTS = dict(aux_weight=0.1, ema=0.99, inner_steps=1)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="MABN: test-time domain adaptation through BN affine parameters.")
+    p.add_argument("--dataset", default="digits", choices=sorted(DATASETS))
+    p.add_argument("--root_dir", default="data", help="where datasets live")
+    p.add_argument("--out_dir", default=None, help="checkpoints and results.json (default runs/<dataset>_s<seed>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--max_steps", type=int, default=None, help="cap on the steps of each stage (smoke runs)")
+    g = p.add_argument_group("stage 1: joint training (Eq. 2)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch_size", type=int)
+    g.add_argument("--lr", type=float, help="Adam learning rate")
+    g.add_argument("--lr_decay_epoch", type=int, help="the learning rate is halved from this epoch on")
+    g.add_argument("--weight_decay", type=float)
+    g.add_argument("--aux_weight", type=float, help="lambda, weight of the BYOL loss (Eq. 2 and 4)")
+    g.add_argument("--ema", type=float, help="tau, BYOL target network momentum")
+    g = p.add_argument_group("stage 2: meta-auxiliary training (Alg. 1, Eq. 3-4)")
+    g.add_argument("--meta_epochs", type=int)
+    g.add_argument("--n_support", type=int, help="unlabelled support images per episode")
+    g.add_argument("--n_query", type=int, help="labelled query images per episode")
+    g.add_argument("--inner_lr", type=float, help="alpha, SGD step of Eq. 3")
+    g.add_argument("--outer_lr", type=float, help="beta, Adam step of Eq. 4")
+    g.add_argument("--inner_steps", type=int)
+    g.add_argument("--first_order", action="store_true", help="drop the second-order term of the meta-gradient")
+    g = p.add_argument_group("stage 3: test-time adaptation")
+    g.add_argument("--n_adapt", type=int, help="unlabelled images of each target domain used to adapt")
+    g.add_argument("--eval_batch_size", type=int)
+    args = p.parse_args(argv)
+    for key, value in {**DEFAULTS, **DATASETS[args.dataset]}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.out_dir is None:
+        args.out_dir = os.path.join("runs", f"{args.dataset}_s{args.seed}")
+    for key in ("lr", "inner_lr", "outer_lr", "batch_size", "n_adapt", "n_support", "n_query", "inner_steps",
+                "eval_batch_size"):
+        if getattr(args, key) <= 0:
+            p.error(f"--{key} must be > 0, got {getattr(args, key)}")
+    for key in ("epochs", "meta_epochs", "weight_decay", "num_workers"):
+        if getattr(args, key) < 0:
+            p.error(f"--{key} must be >= 0, got {getattr(args, key)}")
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema must be in [0, 1), got {args.ema}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible; use --device cpu")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data. Every split is a Split(dataset, domains): dataset[i] -> (x, y, ...), domains[i] = domain id of item i.
+# ----------------------------------------------------------------------------------------------------------
+class Split:
+    def __init__(self, dataset, domains, name):
+        self.dataset, self.domains, self.name = dataset, torch.as_tensor(domains), name
+
+    def domain_indices(self):
+        """{domain id: item indices of that domain, in index order}."""
+        return {int(d): torch.nonzero(self.domains == d).flatten().tolist() for d in torch.unique(self.domains)}
+
+
+def collate_xy(batch):
+    return torch.stack([b[0] for b in batch]), torch.stack([torch.as_tensor(b[1]) for b in batch])
+
+
+def make_digits(size=16, n_source=24, n_val=4, n_test=8, per_domain=150, seed=0):
+    """A camera-trap-like benchmark from sklearn's 1797 bundled 8x8 digits (offline, ~2 s, deterministic).
+
+    Each domain is a "camera" with its own fixed rendering: ink and background colours, a background texture
+    (a sinusoidal grating), stroke width, rotation, zoom, blur and sensor noise. The digits are split into
+    four disjoint pools: source-train, source-held-out, validation and test. Source domains draw their
+    `train` images (80%) and `id_test` images (20%) from the first two pools; the validation and test
+    (target) domains draw from the last two, so no target image shows a digit drawing seen in training.
+    Returns {split: (x uint8 (N, 3, size, size), y (N,), domain (N,))}.
+    """
+    from sklearn.datasets import load_digits
+    gen = torch.Generator().manual_seed(seed)
+    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(shape, generator=gen)  # noqa: E731
+    digits = load_digits()
+    ink_all = torch.tensor(digits.images, dtype=torch.float32) / 16.0  # (1797, 8, 8) in [0, 1]
+    y_all = torch.tensor(digits.target)
+    order = torch.randperm(len(y_all), generator=gen)
+    cut = [int(f * len(order)) for f in (0.48, 0.6, 0.72)]
+    pools = dict(zip(("train", "id_test", "val", "test"), order.tensor_split(cut)))
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    out = {s: ([], [], []) for s in pools}
+    for d in range(n_source + n_val + n_test):
+        n_train = int(0.8 * per_domain)
+        if d < n_source:
+            take = {"train": n_train, "id_test": per_domain - n_train}
+        else:
+            take = {"val" if d < n_source + n_val else "test": per_domain}
+        drawn = {s: pools[s][torch.randperm(len(pools[s]), generator=gen)[:k]] for s, k in take.items()}
+        idx = torch.cat(list(drawn.values()))
+        n = len(idx)
+        ink = F.interpolate(ink_all[idx, None], size=(size, size), mode="bilinear", align_corners=False)
+        stroke = int(torch.randint(0, 3, (1,), generator=gen))  # 0 thin, 1 as drawn, 2 thick
+        if stroke == 2:
+            ink = F.max_pool2d(ink, 3, 1, 1)
+        elif stroke == 0:
+            ink = 0.5 * (ink - F.max_pool2d(-ink, 3, 1, 1))  # half-way to an erosion
+        angle, zoom = math.radians(float(u(-30, 30))), float(u(0.8, 1.25))
+        rot = torch.tensor([[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0]])
+        grid = F.affine_grid((rot / zoom).expand(n, 2, 3), [n, 1, size, size], align_corners=False)
+        ink = F.grid_sample(ink, grid, align_corners=False)  # zeros outside: background
+        sigma = float(u(0.1, 1.2))
+        taps = torch.exp(-torch.arange(-3, 4.0) ** 2 / (2 * sigma ** 2))
+        taps = taps / taps.sum()
+        ink = F.conv2d(F.conv2d(ink, taps.view(1, 1, 1, 7), padding=(0, 3)), taps.view(1, 1, 7, 1), padding=(3, 0))
+        grey = float(u(0.2, 0.8))  # background grey level, ink lighter or darker by a contrast, both tinted
+        ink_grey = grey + (1 if grey < 0.5 else -1) * float(u(0.3, 0.6))
+        bg, fg = grey + u(-0.2, 0.2, 3), ink_grey + u(-0.2, 0.2, 3)
+        freq, theta, amp = float(u(1, 4)), float(u(0, math.pi)), float(u(0, 0.2))
+        texture = amp * torch.sin(math.pi * freq * (xx * math.cos(theta) + yy * math.sin(theta)))  # (size, size)
+        background = bg.view(3, 1, 1) + texture * u(-1, 1, 3).view(3, 1, 1)  # (3, size, size)
+        img = background * (1 - ink) + fg.view(1, 3, 1, 1) * ink  # (n, 3, size, size)
+        img = img + float(u(0, 0.1)) * torch.randn(img.shape, generator=gen)
+        img = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+        for (split, part), img_part in zip(drawn.items(), img.split([len(p) for p in drawn.values()])):
+            for lst, t in zip(out[split], (img_part, y_all[part], torch.full((len(part),), d))):
+                lst.append(t)
+    return {s: tuple(torch.cat(t) for t in ts) for s, ts in out.items()}
+
+
+class UInt8Images(torch.utils.data.Dataset):
+    """(uint8 images, labels) in memory -> (float image in [0, 1], label)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i].float() / 255.0, self.y[i]
+
+
+def load_data(args):
+    """-> dict with train/val/test/id_test Splits, n_outputs, task, in_channels, evaluate(split, y_pred, y_true)."""
+    if args.dataset == "digits":
+        parts = make_digits(size=args.img_size)
+        splits = {s: Split(UInt8Images(x, y), dom, s) for s, (x, y, dom) in parts.items()}
+        return dict(splits=splits, n_outputs=10, task="classification", in_channels=3,
+                    norm=((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), val_metric="acc_avg",
+                    evaluate=lambda split, y_pred, y_true: accuracy_metrics(y_pred, y_true, split.domains))
+    raise ValueError(f"unknown dataset {args.dataset}")
+
+
+def accuracy_metrics(y_pred, y_true, domains):
+    """Average accuracy, per-domain accuracy and worst-domain accuracy (WILDS names: acc_avg, acc_wg)."""
+    correct = (y_pred.argmax(-1) if y_pred.dim() > 1 else y_pred) == y_true
+    per_domain = {int(d): correct[domains == d].float().mean().item() for d in torch.unique(domains)}
+    return {"acc_avg": correct.float().mean().item(), "acc_wg": min(per_domain.values()),
+            "per_domain": per_domain}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BYOL augmentations, batched on the model's device: every image draws its own crop, rotation, flip, colour.
+# ----------------------------------------------------------------------------------------------------------
+def augment(x, gen, min_scale=0.6, max_rot=0.0, flip=True, jitter=0.4, noise=0.0):
+    """x (B, C, H, W) in input space -> an independently augmented view (B, C, H, W)."""
+    B = x.shape[0]
+    rand = lambda *shape: torch.rand(*shape, generator=gen, device=x.device)  # noqa: E731
+    scale = min_scale + (1 - min_scale) * rand(B)  # random resized crop: zoom into a part of the image
+    angle = (2 * rand(B) - 1) * math.radians(max_rot)
+    shift = (2 * rand(B, 2) - 1) * (1 - scale)[:, None]
+    mirror = torch.where(rand(B) < 0.5, -1.0, 1.0) if flip else torch.ones(B, device=x.device)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos * mirror, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * mirror, cos, shift[:, 1]], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
+    if jitter > 0:  # brightness, contrast and (for RGB) per-channel gain, each image its own draw
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        contrast = 1 + jitter * (2 * rand(B, 1, 1, 1) - 1)
+        brightness = 1 + jitter * (2 * rand(B, 1, 1, 1) - 1)
+        gain = 1 + 0.5 * jitter * (2 * rand(B, x.shape[1], 1, 1) - 1) if x.shape[1] == 3 else 1.0
+        x = ((x - mean) * contrast + mean) * brightness * gain
+    if noise > 0:
+        x = x + noise * torch.randn(x.shape, generator=gen, device=x.device)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model: backbone -> pooled feature -> main linear head (no BN) | BYOL projector -> predictor (with BN).
+# ----------------------------------------------------------------------------------------------------------
+class Normalize(nn.Module):
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def small_resnet(in_channels=3, width=16):
+    """A ResNet-style CNN with BN for 32x32 inputs that trains on two CPU cores: (B, C, 32, 32) -> (B, 4*width)."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 4 * width, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def build_backbone(name, in_channels):
+    """-> (backbone module mapping images to pooled features (B, d), d)."""
+    if name == "small_resnet":
+        return small_resnet(in_channels), 64
+    raise ValueError(f"unknown backbone {name}")
+
+
+def mlp(d_in, d_hidden, d_out):
+    """BYOL projector / predictor: Linear -> BatchNorm1d -> ReLU -> Linear."""
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.BatchNorm1d(d_hidden), nn.ReLU(), nn.Linear(d_hidden, d_out))
+
+
+class MABNNet(nn.Module):
+    def __init__(self, backbone, feat_dim, n_outputs, proj_hidden, proj_dim, norm):
+        super().__init__()
+        self.backbone = nn.Sequential(Normalize(*norm), backbone)
+        self.head = nn.Linear(feat_dim, n_outputs)  # main branch: one linear layer, no BN
+        self.projector = mlp(feat_dim, proj_hidden, proj_dim)  # auxiliary branch (BYOL online side)
+        self.predictor = mlp(proj_dim, proj_hidden, proj_dim)
+
+    def forward(self, x, aux=False):
+        feats = self.backbone(x)  # (B, C, H, W) -> (B, d)
+        if not aux:
+            return self.head(feats)  # (B, n_outputs): inference never touches the auxiliary branch
+        return self.head(feats), self.predictor(self.projector(feats))  # (B, n_outputs), (B, proj_dim)
+
+
+def make_target(model):
+    """BYOL target network: a gradient-free copy of backbone + projector, later an EMA of the online one."""
+    target = nn.Sequential(copy.deepcopy(model.backbone), copy.deepcopy(model.projector))
+    return target.requires_grad_(False)
+
+
+@torch.no_grad()
+def ema_update(target, model, tau):
+    """target <- tau * target + (1 - tau) * online, for every parameter of backbone + projector."""
+    online = list(model.backbone.parameters()) + list(model.projector.parameters())
+    for t, o in zip(target.parameters(), online):
+        t.lerp_(o, 1 - tau)
+
+
+def bn_affine_names(model):
+    """Names of every BatchNorm weight (gamma) and bias (beta) in the model: the only parameters MABN adapts."""
+    return [f"{mod_name}.{p}" for mod_name, mod in model.named_modules()
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine for p in ("weight", "bias")]
+
+
+def split_params(model):
+    """-> (phi: BN affine parameters, frozen: every other parameter and buffer), both {name: tensor}."""
+    names = set(bn_affine_names(model))
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return ({k: v for k, v in state.items() if k in names}, {k: v for k, v in state.items() if k not in names})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------
+def byol_loss(prediction, target_projection):
+    """2 - 2 cos(p, z) per sample: (B, D), (B, D) -> (B,)."""
+    return 2 - 2 * (F.normalize(prediction, dim=-1) * F.normalize(target_projection, dim=-1)).sum(-1)
+
+
+def main_loss(outputs, y, task):
+    return F.cross_entropy(outputs, y) if task == "classification" else F.mse_loss(outputs.squeeze(-1), y.float())
+
+
+def joint_losses(model, params, target, x, y, augment_fn, task="classification"):
+    """L_main on x (skipped when y is None) and the symmetric BYOL loss on two augmented views of x.
+
+    params=None calls the module as it is (stage 1); a {name: tensor} dict runs it functionally with those
+    tensors in place of its own (stages 2-3), so adapted parameters never touch the module.
+    """
+    B = x.shape[0]
+    v1, v2 = augment_fn(x), augment_fn(x)
+    inputs = torch.cat([v1, v2] if y is None else [x, v1, v2])  # (2B or 3B, C, H, W)
+    run = model if params is None else (lambda *a, **k: functional_call(model, params, a, k))
+    outputs, predictions = run(inputs, aux=True)
+    with torch.no_grad():
+        z = target(torch.cat([v1, v2]))  # (2B, proj_dim), no gradient to the target network
+    p1, p2 = predictions[-2 * B:-B], predictions[-B:]
+    aux = (byol_loss(p1, z[B:]) + byol_loss(p2, z[:B])).mean()  # view 1 predicts view 2 and vice versa
+    main = main_loss(outputs[:B], y, task) if y is not None else torch.zeros((), device=x.device)
+    return main, aux
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: written atomically (temporary file, then rename), loaded with weights_only=True.
+# ----------------------------------------------------------------------------------------------------------
+STAGE_FLAGS = {1: ("dataset", "seed", "epochs", "batch_size", "lr", "lr_decay_epoch", "weight_decay",
+                   "aux_weight", "ema", "max_steps", "img_size", "proj_hidden", "proj_dim"),
+               2: ("meta_epochs", "n_support", "n_query", "inner_lr", "outer_lr", "inner_steps", "first_order")}
+
+
+def stage_flags(args, stage):
+    keys = STAGE_FLAGS[1] + (STAGE_FLAGS[2] if stage == 2 else ())
+    return {k: getattr(args, k) for k in keys}
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename over path: a crash leaves the old file or the new one, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    if path.endswith(".json"):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, args, stage):
+    """The checkpoint at path, or None if there is none; exits with one line if it is unreadable or stale."""
+    if not os.path.exists(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, not a checkpoint
+        sys.exit(f"error: cannot read checkpoint {path} ({type(e).__name__}); delete it or pick another --out_dir")
+    want = stage_flags(args, stage)
+    diff = {k: (ckpt["flags"].get(k), v) for k, v in want.items() if ckpt["flags"].get(k) != v}
+    if diff:
+        what = ", ".join(f"{k}: {a!r} in file vs {b!r} now" for k, (a, b) in diff.items())
+        sys.exit(f"error: checkpoint {path} was made with other flags ({what}); use another --out_dir")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: adapt each domain once from its first k images, then predict all its images (Alg. 1, line 12).
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(model, params, split, overrides, device, batch_size, num_workers=0):
+    """Predict every item of split, domain by domain through one loader; items of domain d use the tensors
+    overrides[d] in place of the model's own (e.g. its adapted BN affine). -> (outputs (N, ...), labels (N,)).
+    """
+    by_domain = split.domain_indices()
+    batches = [idx[i:i + batch_size] for idx in by_domain.values() for i in range(0, len(idx), batch_size)]
+    batch_domain = [int(split.domains[b[0]]) for b in batches]
+    loader = torch.utils.data.DataLoader(split.dataset, batch_sampler=batches, collate_fn=collate_xy,
+                                         num_workers=num_workers)
+    outputs, labels, order = [], [], []
+    for idx, d, (x, y) in zip(batches, batch_domain, loader):
+        out = functional_call(model, {**params, **overrides.get(d, {})}, (x.to(device),))  # main branch only
+        outputs.append(out.float().cpu()), labels.append(y), order.extend(idx)
+    inverse = torch.argsort(torch.tensor(order))  # back to the split's index order
+    return torch.cat(outputs)[inverse], torch.cat(labels)[inverse]
+
+
+def support_set(split, d_indices, n_adapt):
+    """The first n_adapt images of a domain, in index order (Meta-DMoE's protocol): (k, C, H, W)."""
+    return torch.stack([split.dataset[i][0] for i in d_indices[:n_adapt]])
+
+
+def adapt_domain(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps):
+    """Adapt one domain: Eq. (3) inner step(s) on the BYOL loss of the unlabelled support set, from phi.
+
+    Pure: returns new {name: tensor} affine parameters; the module, phi and the target are left as they were.
+    """
+    phi = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+    with torch.enable_grad():
+        adapted = inner_step(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps, create_graph=False)
+    return {k: v.detach() for k, v in adapted.items()}
+
+
+def evaluate_methods(model, target, phi, data, split, args, device, methods=("none", "mabn")):
+    """-> {method: metrics} on split, starting every domain from the affine phi; all methods see the same
+    support set of a domain. none: phi as it is; mabn: phi adapted per domain by adapt_domain."""
+    model.eval(), target.eval()
+    frozen = split_params(model)[1]
+    phi = {k: v.detach() for k, v in phi.items()}
+    gen = torch.Generator(device).manual_seed(args.seed + 1)
+    augment_fn = lambda x: augment(x, gen, **args.aug)  # noqa: E731
+    results = {}
+    for method in methods:
+        overrides = {}
+        if method == "mabn":
+            for d, idx in split.domain_indices().items():
+                support_x = support_set(split, idx, args.n_adapt).to(device)  # (k, C, H, W)
+                overrides[d] = adapt_domain(model, phi, frozen, target, support_x, augment_fn, args.inner_lr,
+                                            args.inner_steps)
+        outputs, labels = predict(model, {**frozen, **phi}, split, overrides, device, args.eval_batch_size,
+                                  args.num_workers)
+        results[method] = data["evaluate"](split, outputs, labels)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1: joint training of the whole network on all source domains mixed, L = L_main + lambda L_aux (Eq. 2).
+# ----------------------------------------------------------------------------------------------------------
+def train_joint(model, target, data, args, device, log):
+    path = os.path.join(args.out_dir, "stage1.pt")
+    ckpt = load_checkpoint(path, args, 1)
+    if ckpt is not None and ckpt["done"]:
+        model.load_state_dict(ckpt["model"]), target.load_state_dict(ckpt["target"])
+        log(f"stage 1: loaded finished checkpoint {path}")
+        return ckpt["steps"]
+    train = data["splits"]["train"]
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    gen = torch.Generator(device).manual_seed(args.seed)
+    loader_gen = torch.Generator().manual_seed(args.seed)
+    start, steps, best = 0, 0, (-math.inf, None)
+    if ckpt is not None:  # resume an interrupted stage 1 at the epoch after its last checkpoint
+        model.load_state_dict(ckpt["model"]), target.load_state_dict(ckpt["target"])
+        opt.load_state_dict(ckpt["opt"])
+        gen.set_state(ckpt["gen"]), loader_gen.set_state(ckpt["loader_gen"])
+        start, steps, best = ckpt["epoch"] + 1, ckpt["steps"], (ckpt["best_metric"], ckpt["best"])
+        log(f"stage 1: resuming from epoch {start} ({path})")
+    loader = torch.utils.data.DataLoader(train.dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         collate_fn=collate_xy, generator=loader_gen, num_workers=args.num_workers)
+    augment_fn = lambda x: augment(x, gen, **args.aug)  # noqa: E731
+    for epoch in range(start, args.epochs):
+        for group in opt.param_groups:  # the paper halves the LR after a fixed epoch
+            group["lr"] = args.lr * (0.5 if epoch >= args.lr_decay_epoch else 1.0)
+        model.train(), target.train()
+        t0, n_images, sums = time.time(), 0, torch.zeros(2)
+        for x, y in loader:
+            if args.max_steps is not None and steps >= args.max_steps:
+                break
+            x, y = x.to(device), y.to(device)
+            loss_main, loss_aux = joint_losses(model, None, target, x, y, augment_fn, data["task"])
+            loss = loss_main + args.aux_weight * loss_aux  # Eq. (2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema_update(target, model, args.ema)
+            sums += torch.stack([loss_main.detach(), loss_aux.detach()]).cpu()
+            n_images, steps = n_images + len(x), steps + 1
+        n_batches = max(1, n_images // args.batch_size)
+        val = evaluate_methods(model, target, split_params(model)[0], data, data["splits"]["val"], args, device,
+                               ("none",))["none"]
+        metric = val[data["val_metric"]]
+        if metric > best[0] or best[1] is None:
+            best = (metric, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        log(f"stage 1 epoch {epoch + 1}/{args.epochs}: main {sums[0] / n_batches:.4f} aux {sums[1] / n_batches:.4f}"
+            f" | {n_images / (time.time() - t0):.0f} img/s | val {data['val_metric']} {metric:.4f}")
+        save_atomic(dict(done=False, epoch=epoch, steps=steps, model=model.state_dict(), target=target.state_dict(),
+                         opt=opt.state_dict(), gen=gen.get_state(), loader_gen=loader_gen.get_state(),
+                         best_metric=best[0], best=best[1], flags=stage_flags(args, 1)), path)
+    if best[1] is not None:  # model selection on the validation domains
+        model.load_state_dict(best[1])
+    save_atomic(dict(done=True, steps=steps, model=model.state_dict(), target=target.state_dict(),
+                     flags=stage_flags(args, 1)), path)
+    return steps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2: meta-auxiliary training of the BN affine parameters (Algorithm 1, Eq. 3-4).
+# ----------------------------------------------------------------------------------------------------------
+def inner_step(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps=1, create_graph=True):
+    """Eq. (3): phi~ = phi - alpha * grad_phi L_aux(S; phi), repeated `steps` times. No labels are used.
+
+    With create_graph=True the result stays differentiable w.r.t. phi through the gradient itself (second-order
+    MAML); with False the gradient is a constant and d phi~ / d phi is the identity (first-order).
+    """
+    adapted = dict(phi)
+    for _ in range(steps):
+        _, loss_aux = joint_losses(model, {**frozen, **adapted}, target, support_x, None, augment_fn)
+        grads = torch.autograd.grad(loss_aux, list(adapted.values()), create_graph=create_graph)
+        adapted = {k: v - inner_lr * g for (k, v), g in zip(adapted.items(), grads)}
+    return adapted
+
+
+def meta_loss(model, phi, frozen, target, support_x, query_x, query_y, augment_fn, args, task="classification"):
+    """Eq. (4) objective: L_main(Q; phi~) + lambda L_aux(Q; phi~), phi~ adapted on S. Differentiable in phi."""
+    adapted = inner_step(model, phi, frozen, target, support_x, augment_fn, args.inner_lr, args.inner_steps,
+                         create_graph=not args.first_order)
+    loss_main, loss_aux = joint_losses(model, {**frozen, **adapted}, target, query_x, query_y, augment_fn, task)
+    return loss_main + args.aux_weight * loss_aux, loss_main, loss_aux
+
+
+def episodes(split, n_support, n_query, n_episodes, gen):
+    """Yield (domain, support indices, query indices): one source domain per episode (a task), disjoint sets.
+
+    Domains are drawn in proportion to their size; a domain smaller than n_support + n_query gives what it
+    has, split in the same proportion (at least one image each; domains of a single image are skipped).
+    """
+    by_domain = {d: torch.tensor(idx) for d, idx in split.domain_indices().items() if len(idx) >= 2}
+    domains = list(by_domain)
+    sizes = torch.tensor([len(by_domain[d]) for d in domains], dtype=torch.float)
+    for _ in range(n_episodes):
+        d = domains[int(torch.multinomial(sizes, 1, generator=gen))]
+        idx = by_domain[d][torch.randperm(len(by_domain[d]), generator=gen)]
+        n = min(len(idx), n_support + n_query)
+        n_s = min(max(1, round(n * n_support / (n_support + n_query))), n - 1)
+        yield d, idx[:n_s].tolist(), idx[n_s:n].tolist()
+
+
+def train_meta(model, target, data, args, device, log):
+    path = os.path.join(args.out_dir, "stage2.pt")
+    ckpt = load_checkpoint(path, args, 2)
+    phi, frozen = split_params(model)
+    for p in model.parameters():  # freeze every weight matrix; only phi (BN gamma, beta) learns
+        p.requires_grad_(False)
+    for p in phi.values():
+        p.requires_grad_(True)
+    if ckpt is not None and ckpt["done"]:
+        model.load_state_dict(ckpt["model"])
+        log(f"stage 2: loaded finished checkpoint {path}")
+        return ckpt["steps"]
+    opt = torch.optim.Adam(phi.values(), lr=args.outer_lr)
+    gen = torch.Generator(device).manual_seed(args.seed + 2)
+    episode_gen = torch.Generator().manual_seed(args.seed + 2)
+    start, steps, best = 0, 0, (-math.inf, None)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"])
+        gen.set_state(ckpt["gen"]), episode_gen.set_state(ckpt["episode_gen"])
+        start, steps, best = ckpt["epoch"] + 1, ckpt["steps"], (ckpt["best_metric"], ckpt["best"])
+        log(f"stage 2: resuming from epoch {start} ({path})")
+    train = data["splits"]["train"]
+    n_episodes = max(1, len(train.domains) // (args.n_support + args.n_query))  # an epoch sees ~every image once
+    augment_fn = lambda x: augment(x, gen, **args.aug)  # noqa: E731
+    load = lambda idx: collate_xy([train.dataset[i] for i in idx])  # noqa: E731
+    for epoch in range(start, args.meta_epochs):
+        model.eval(), target.eval()  # BN uses (and keeps) the source statistics from stage 1
+        t0, n_images, n_done, sums = time.time(), 0, 0, torch.zeros(3)
+        for _, support_idx, query_idx in episodes(train, args.n_support, args.n_query, n_episodes, episode_gen):
+            if args.max_steps is not None and steps >= args.max_steps:
+                break
+            support_x = load(support_idx)[0].to(device)  # (S, C, H, W), labels never used
+            query_x, query_y = (t.to(device) for t in load(query_idx))  # (Q, C, H, W), (Q,)
+            losses = meta_loss(model, phi, frozen, target, support_x, query_x, query_y, augment_fn, args,
+                               data["task"])
+            opt.zero_grad(set_to_none=True)
+            losses[0].backward()  # Eq. (4): gradient w.r.t. the ORIGINAL phi, through the inner step
+            opt.step()
+            sums += torch.stack([t.detach() for t in losses]).cpu()
+            n_images, n_done, steps = n_images + len(support_idx) + len(query_idx), n_done + 1, steps + 1
+        n_done = max(1, n_done)
+        val = evaluate_methods(model, target, phi, data, data["splits"]["val"], args, device, ("mabn",))["mabn"]
+        metric = val[data["val_metric"]]
+        if metric > best[0] or best[1] is None:
+            best = (metric, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        log(f"stage 2 epoch {epoch + 1}/{args.meta_epochs}: meta {sums[0] / n_done:.4f} (main "
+            f"{sums[1] / n_done:.4f} aux {sums[2] / n_done:.4f}) | {n_images / (time.time() - t0):.0f} img/s"
+            f" | val mabn {data['val_metric']} {metric:.4f}")
+        save_atomic(dict(done=False, epoch=epoch, steps=steps, model=model.state_dict(), opt=opt.state_dict(),
+                         gen=gen.get_state(), episode_gen=episode_gen.get_state(), best_metric=best[0],
+                         best=best[1], flags=stage_flags(args, 2)), path)
+    if best[1] is not None:
+        model.load_state_dict(best[1])
+    save_atomic(dict(done=True, steps=steps, model=model.state_dict(), flags=stage_flags(args, 2)), path)
+    return steps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# main: data -> stage 1 -> stage 2 -> stage 3 on every target domain -> table and results.json
+# ----------------------------------------------------------------------------------------------------------
+def main(args, data=None):
+    """Run the three stages; `data` (as load_data returns it) replaces the --dataset's data when given."""
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, ".write_test"), "w"):
+            pass
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out_dir {args.out_dir} ({e.strerror}); pick a writable folder")
+    log_file = open(os.path.join(args.out_dir, "log.txt"), "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        log_file.write(msg + "\n"), log_file.flush()
+
+    log("flags: " + json.dumps({**vars(args), "device": str(device)}, sort_keys=True))
+    torch.manual_seed(args.seed)
+    timings, t0 = {}, time.time()
+    data = load_data(args) if data is None else data
+    for name, split in data["splits"].items():
+        log(f"data: {name}: {len(split.domains)} images, {len(torch.unique(split.domains))} domains")
+    timings["data_s"], t0 = time.time() - t0, time.time()
+
+    backbone, feat_dim = build_backbone(args.backbone, data["in_channels"])
+    model = MABNNet(backbone, feat_dim, data["n_outputs"], args.proj_hidden, args.proj_dim, data["norm"]).to(device)
+    target = make_target(model)
+    steps = {"stage1": train_joint(model, target, data, args, device, log)}
+    timings["stage1_s"], t0 = time.time() - t0, time.time()
+    stage1_phi = {k: v.detach().clone() for k, v in split_params(model)[0].items()}
+    steps["stage2"] = train_meta(model, target, data, args, device, log)
+    timings["stage2_s"], t0 = time.time() - t0, time.time()
+    meta_phi = split_params(model)[0]
+
+    # Stage 3: every target domain adapted from the same meta-learned phi, then predicted.
+    splits = data["splits"]
+    results = {"target": evaluate_methods(model, target, meta_phi, data, splits["test"], args, device)}
+    results["target"]["stage1"] = evaluate_methods(model, target, stage1_phi, data, splits["test"], args, device,
+                                                   ("none",))["none"]
+    if "id_test" in splits:  # the stage-1 model on held-out images of the source domains: the size of the shift
+        results["source_heldout"] = evaluate_methods(model, target, stage1_phi, data, splits["id_test"], args,
+                                                     device, ("none",))["none"]
+    timings["stage3_s"] = time.time() - t0
+
+    metric_names = [k for k in results["target"]["none"] if k != "per_domain"]
+    log(f"\n{'method':<14}" + "".join(f"{m:>12}" for m in metric_names) + "   (target domains, split 'test')")
+    for method, metrics in results["target"].items():
+        log(f"{method:<14}" + "".join(f"{metrics[m]:>12.4f}" for m in metric_names))
+    if "source_heldout" in results:
+        log(f"{'stage1 source':<14}" + "".join(f"{results['source_heldout'][m]:>12.4f}" for m in metric_names)
+            + "   (held-out images of the source domains, split 'id_test')")
+    log("time: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    out = dict(flags=vars(args), seed=args.seed, device=str(device), steps=steps, time_s=timings, **results)
+    save_atomic(out, os.path.join(args.out_dir, "results.json"))
+    log_file.close()
+    return out
+
+
+if __name__ == "__main__":
+    main(parse_args())

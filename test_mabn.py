@@ -1,0 +1,243 @@
+"""Fast CPU checks of mabn.py on tiny synthetic domains: python -m pytest -q test_mabn.py"""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+import mabn
+
+NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def tiny_model(seed=0, width=4, n_outputs=3):
+    torch.manual_seed(seed)
+    backbone = mabn.small_resnet(3, width)
+    model = mabn.MABNNet(backbone, 4 * width, n_outputs, 16, 8, NORM)
+    return model, mabn.make_target(model)
+
+
+def trained_bn(model, target, n_batches=3):
+    """Give BN running statistics and affine parameters non-trivial values, as after stage 1."""
+    model.train(), target.train()
+    with torch.no_grad():
+        for _ in range(n_batches):
+            x = torch.rand(8, 3, 8, 8)
+            model(x, aux=True), target(x)
+        for name, p in model.named_parameters():
+            if name in mabn.bn_affine_names(model):
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval(), target.eval()
+    return model, target
+
+
+def fixed_aug(x):
+    return x  # identity views: the BYOL loss stays non-trivial (online predictor vs target projector)
+
+
+def jitter_aug(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return lambda x: mabn.augment(x, gen, min_scale=0.8, jitter=0.2, noise=0.05)
+
+
+def make_synthetic(n_source=4, n_val=2, n_test=3, per_domain=24, size=8, n_classes=3, seed=0, shift=1.0):
+    """Tiny multi-domain data: class = position of a bright square; domain = contrast and brightness
+    (x' = a x + b, a shift that a BN layer after a conv can undo exactly) plus a colour tint."""
+    gen = torch.Generator().manual_seed(seed)
+    splits = {s: ([], [], []) for s in ("train", "id_test", "val", "test")}
+    n_domains = n_source + n_val + n_test
+    for d in range(n_domains):
+        y = torch.randint(0, n_classes, (per_domain,), generator=gen)
+        x = 0.1 * torch.rand(per_domain, 3, size, size, generator=gen)
+        for i, c in enumerate(y.tolist()):
+            r = (c * size) // n_classes
+            x[i, :, r:r + size // n_classes + 1, 1:size - 1] += 0.8
+        a = float(torch.exp(shift * (2 * torch.rand(1, generator=gen) - 1)))
+        b = float(shift * 0.5 * (2 * torch.rand(1, generator=gen) - 1))
+        x = a * x + b + 0.05 * torch.randn(x.shape, generator=gen)
+        dom = torch.full((per_domain,), d)
+        parts = ({"train": slice(0, per_domain * 3 // 4), "id_test": slice(per_domain * 3 // 4, None)}
+                 if d < n_source else {("val" if d < n_source + n_val else "test"): slice(None)})
+        for s, sl in parts.items():
+            for lst, t in zip(splits[s], (x[sl], y[sl], dom[sl])):
+                lst.append(t)
+    out = {s: mabn.Split(torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys)), torch.cat(ds), s)
+           for s, (xs, ys, ds) in splits.items()}
+    return dict(splits=out, n_outputs=n_classes, task="classification", in_channels=3, norm=NORM,
+                val_metric="acc_avg", evaluate=lambda split, p, t: mabn.accuracy_metrics(p, t, split.domains))
+
+
+def tiny_args(tmp_path, *extra):
+    return mabn.parse_args(["--out_dir", str(tmp_path / "run"), "--epochs", "2", "--meta_epochs", "2",
+                            "--batch_size", "16", "--n_support", "8", "--n_query", "8", "--n_adapt", "8",
+                            *extra])
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# 1. Stage 3 changes only BN affine parameters and never mutates the module
+def test_adapt_domain_changes_only_bn_affine():
+    model, target = trained_bn(*tiny_model())
+    before, target_before = snapshot(model), snapshot(target)
+    phi, frozen = mabn.split_params(model)
+    support_x = torch.rand(8, 3, 8, 8)
+    adapted = mabn.adapt_domain(model, phi, frozen, target, support_x, jitter_aug(), inner_lr=0.5, steps=2)
+    assert set(adapted) == set(mabn.bn_affine_names(model))
+    assert any("backbone" in k for k in adapted) and any("projector" in k for k in adapted)
+    assert any(not torch.equal(adapted[k], phi[k]) for k in adapted)  # it did adapt something
+    for k, v in snapshot(model).items():  # conv/linear weights, BN statistics and BN affine all untouched
+        assert torch.equal(v, before[k]), k
+    for k, v in snapshot(target).items():
+        assert torch.equal(v, target_before[k]), k
+    assert all(not v.requires_grad for v in adapted.values())
+
+
+# 2. Stage 2 changes BN affine only: weights and running statistics stay bit-identical
+def test_stage2_changes_only_bn_affine(tmp_path):
+    data = make_synthetic()
+    args = tiny_args(tmp_path, "--max_steps", "3", "--outer_lr", "0.05")
+    os.makedirs(args.out_dir)
+    model, target = tiny_model()
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(16, 3, 8, 8), aux=True)  # running statistics away from their initial values
+    before = snapshot(model)
+    steps = mabn.train_meta(model, target, data, args, torch.device("cpu"), log=lambda msg: None)
+    assert steps == 3
+    affine = set(mabn.bn_affine_names(model))
+    changed = {k for k, v in snapshot(model).items() if not torch.equal(v, before[k])}
+    assert changed and changed <= affine
+    assert any(k.endswith("running_mean") for k in before)  # the statistics were checked too
+
+
+# 3. functional_call with the module's own tensors gives the module's output
+def test_functional_call_matches_module():
+    model, _ = trained_bn(*tiny_model())
+    phi, frozen = mabn.split_params(model)
+    x = torch.rand(5, 3, 8, 8)
+    with torch.no_grad():
+        logits, pred = model(x, aux=True)
+        f_logits, f_pred = functional_call(model, {**frozen, **phi}, (x,), {"aux": True})
+    assert torch.equal(logits, f_logits) and torch.equal(pred, f_pred)
+    shifted = {k: v + 1.0 for k, v in phi.items()}  # and the tensors passed in are really the ones used
+    assert not torch.allclose(functional_call(model, {**frozen, **shifted}, (x,)), logits)
+
+
+# 4. The meta-gradient is the true gradient of the query loss at the adapted affine w.r.t. the original affine
+def test_meta_gradient_matches_finite_differences(tmp_path):
+    model, target = trained_bn(*tiny_model(width=2))
+    model.double(), target.double()
+    phi, frozen = mabn.split_params(model)
+    phi = {k: v.detach().clone().requires_grad_(True) for k, v in phi.items()}
+    gen = torch.Generator().manual_seed(1)
+    support_x = torch.rand(6, 3, 8, 8, generator=gen, dtype=torch.float64)
+    query_x = torch.rand(6, 3, 8, 8, generator=gen, dtype=torch.float64)
+    query_y = torch.randint(0, 3, (6,), generator=gen)
+    args = tiny_args(tmp_path, "--inner_lr", "0.5", "--inner_steps", "2")
+
+    def loss_at(p, first_order=False):
+        args.first_order = first_order
+        return mabn.meta_loss(model, p, frozen, target, support_x, query_x, query_y, fixed_aug, args)[0]
+
+    grads = torch.autograd.grad(loss_at(phi), list(phi.values()))
+    grads_fo = torch.autograd.grad(loss_at(phi, first_order=True), list(phi.values()))
+    flat, flat_fo = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in grads_fo])
+    numeric, eps = [], 1e-6
+    for k, v in phi.items():
+        for i in range(v.numel()):
+            delta = torch.zeros(v.numel(), dtype=v.dtype)
+            delta[i] = eps
+            moved = [{**phi, k: (v.detach().flatten() + sign * delta).view_as(v)} for sign in (1, -1)]
+            moved = [{n: t.detach().requires_grad_(True) for n, t in m.items()} for m in moved]
+            numeric.append((loss_at(moved[0]) - loss_at(moved[1])).detach() / (2 * eps))
+    numeric = torch.stack(numeric).detach()
+    assert torch.allclose(flat, numeric, rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(flat_fo, numeric, rtol=1e-2, atol=1e-5)  # first order drops a real term
+
+
+# 5. An episode: one domain, disjoint support and query
+def test_episodes_one_domain_disjoint():
+    domains = torch.tensor([0] * 30 + [1] * 10 + [2] * 5 + [3])
+    split = mabn.Split(None, domains, "train")
+    seen = set()
+    for d, support, query in mabn.episodes(split, 8, 6, 200, torch.Generator().manual_seed(0)):
+        assert len(set(support) & set(query)) == 0 and len(set(support)) == len(support)
+        assert {int(domains[i]) for i in support + query} == {d}
+        assert len(support) >= 1 and len(query) >= 1
+        seen.add(d)
+    assert seen == {0, 1, 2}  # the single-image domain 3 is skipped, the small ones are used
+
+
+# 6. BYOL: the loss, the stop-gradient of the target network, the EMA update
+def test_byol_loss_target_and_ema():
+    p = torch.randn(4, 8)
+    assert torch.allclose(mabn.byol_loss(p, 3 * p), torch.zeros(4), atol=1e-6)
+    assert torch.allclose(mabn.byol_loss(p, -p), torch.full((4,), 4.0), atol=1e-6)
+    model, target = tiny_model()
+    _, aux = mabn.joint_losses(model, None, target, torch.rand(6, 3, 8, 8), None, jitter_aug())
+    aux.backward()
+    assert all(q.grad is None for q in target.parameters())
+    assert any(q.grad is not None for q in model.backbone.parameters())
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(torch.randn_like(q))
+    old = snapshot(target)
+    online = dict(model.backbone.named_parameters(prefix="0"))
+    online.update(model.projector.named_parameters(prefix="1"))
+    mabn.ema_update(target, model, tau=0.9)
+    for name, q in target.named_parameters():
+        assert torch.allclose(q - old[name], 0.1 * (online[name] - old[name]), atol=1e-6)
+
+
+# 7. Prediction after adaptation never runs the auxiliary branch
+def test_predict_never_runs_aux_branch():
+    data = make_synthetic()
+    model, target = trained_bn(*tiny_model())
+    args = mabn.parse_args(["--n_adapt", "4"])
+    calls = []
+    for mod in (model.projector, model.predictor):
+        mod.register_forward_hook(lambda *a: calls.append(1))
+    phi, frozen = mabn.split_params(model)
+    adapted = mabn.adapt_domain(model, phi, frozen, target, torch.rand(4, 3, 8, 8), fixed_aug, 0.1, 1)
+    assert calls  # adaptation does use the auxiliary branch
+    calls.clear()
+    split = data["splits"]["test"]
+    out, labels = mabn.predict(model, {**frozen, **phi}, split, {d: adapted for d in split.domain_indices()},
+                               torch.device("cpu"), args.eval_batch_size)
+    assert out.shape == (len(split.domains), 3) and not calls
+
+
+# 8. Each domain gets its own adaptation, independent of the others
+def test_domains_adapt_independently():
+    model, target = trained_bn(*tiny_model())
+    phi, frozen = mabn.split_params(model)
+    x_a, x_b = torch.rand(8, 3, 8, 8), 2 * torch.rand(8, 3, 8, 8) - 0.5
+
+    def adapt(x):
+        return mabn.adapt_domain(model, phi, frozen, target, x, jitter_aug(0), 0.5, 1)
+
+    b_alone = adapt(x_b)
+    a = adapt(x_a)
+    b_after_a = adapt(x_b)
+    assert any(not torch.allclose(a[k], b_alone[k]) for k in a)
+    assert all(torch.equal(b_alone[k], b_after_a[k]) for k in a)
+
+
+# 9. main() runs all three stages end to end and writes results.json
+def test_main_end_to_end(tmp_path):
+    args = tiny_args(tmp_path)
+    out = mabn.main(args, make_synthetic())
+    saved = json.load(open(os.path.join(args.out_dir, "results.json")))
+    assert saved["steps"]["stage1"] > 0 and saved["steps"]["stage2"] > 0
+    assert set(saved["target"]) >= {"none", "mabn"}
+    assert len(saved["target"]["mabn"]["per_domain"]) == 3
+    assert all(saved["time_s"][k] > 0 for k in ("stage1_s", "stage2_s", "stage3_s"))
+    assert saved["target"]["mabn"]["acc_avg"] == out["target"]["mabn"]["acc_avg"]
+    # a rerun with the same out_dir skips both finished stages
+    again = mabn.main(tiny_args(tmp_path), make_synthetic())
+    assert again["target"]["mabn"]["acc_avg"] == out["target"]["mabn"]["acc_avg"]
+    assert again["time_s"]["stage1_s"] < out["time_s"]["stage1_s"]
