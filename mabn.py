@@ -30,18 +30,52 @@ from torch.func import functional_call
 RGB_AUG = dict(min_scale=0.6, max_rot=0.0, flip=True, jitter=0.4, noise=0.0)
 DATASETS = {
     # Offline default: sklearn's bundled handwritten digits rendered by 20 "cameras" (see make_digits).
-    "digits": dict(backbone="small_resnet", img_size=16, n_adapt=32, batch_size=64, lr=2e-3, weight_decay=0.0,
+    "digits": dict(backbone="small_resnet", img_size=16, norm=((0.5,) * 3, (0.25,) * 3), pretrained=False,
+                   val_metric="acc_avg", n_adapt=32, batch_size=64, lr=2e-3, weight_decay=0.0,
                    epochs=12, lr_decay_epoch=8, meta_epochs=6, n_support=32, n_query=32, inner_lr=0.1,
                    outer_lr=1e-3, proj_hidden=256, proj_dim=64, eval_batch_size=256,
                    aug=dict(min_scale=0.7, max_rot=15.0, flip=False, jitter=0.4, noise=0.05)),
 }
+WILDS_COMMON = dict(proj_hidden=4096, proj_dim=256, meta_epochs=10, lr_decay_epoch=20, pretrained=True)
+DATASETS.update({  # METHOD.md / Meta-DMoE values; (*) marks our choice where both papers are silent
+    "iwildcam": dict(backbone="resnet50", img_size=448, norm="imagenet", domain_fields=["location"], n_adapt=12,
+                     batch_size=16, lr=3e-5, weight_decay=0.0, epochs=12, n_support=24, n_query=16, inner_lr=3e-4,
+                     outer_lr=3e-5, eval_batch_size=64, val_metric="F1-macro_all", aug=RGB_AUG),
+    "camelyon17": dict(backbone="densenet121", img_size=96, norm="imagenet", domain_fields=["slide"], n_adapt=32,
+                       batch_size=32, lr=1e-3, weight_decay=1e-2, epochs=5, n_support=64, n_query=32, inner_lr=1e-3,
+                       outer_lr=1e-4, eval_batch_size=256, val_metric="acc_avg",
+                       aug=dict(RGB_AUG, min_scale=0.8, max_rot=180.0)),  # (*) patches have no orientation
+    "rxrx1": dict(backbone="resnet50", img_size=256, norm="per_image", domain_fields=["experiment"], n_adapt=32,
+                  batch_size=75, lr=1e-4, weight_decay=1e-5, epochs=90, n_support=75, n_query=48, inner_lr=1e-4,
+                  outer_lr=1e-6, eval_batch_size=150, val_metric="acc_avg",
+                  aug=dict(min_scale=0.8, max_rot=180.0, flip=True, jitter=0.2, noise=0.0)),  # (*) no colour mixing
+    "fmow": dict(backbone="densenet121", img_size=224, norm="imagenet", domain_fields=["region", "year"], n_adapt=32,
+                 batch_size=64, lr=1e-4, weight_decay=0.0, epochs=20, n_support=64, n_query=48, inner_lr=1e-4,
+                 outer_lr=1e-5, eval_batch_size=128, val_metric="acc_worst_region", aug=RGB_AUG),
+    "poverty": dict(backbone="resnet18_8ch", img_size=224, norm=None, domain_fields=["country"], n_adapt=32,
+                    batch_size=64, lr=1e-3, weight_decay=0.0, epochs=50, n_support=64, n_query=48, inner_lr=1e-3,
+                    outer_lr=1e-4, eval_batch_size=128, val_metric="r_wg",  # (*) LRs, sizes, epochs
+                    aug=dict(min_scale=0.8, max_rot=180.0, flip=True, jitter=0.0, noise=0.02)),  # no colour jitter
+    "domainnet": dict(backbone="resnet50", img_size=224, norm="imagenet", domain_fields=["domain"], n_adapt=32,
+                      batch_size=32, lr=1e-4, weight_decay=0.0, epochs=10, n_support=64, n_query=48, inner_lr=1e-4,
+                      outer_lr=1e-5, eval_batch_size=128, val_metric="acc_avg", aug=RGB_AUG),  # (*) all but backbone
+})
+for _name in DATASETS:
+    if _name != "digits":
+        DATASETS[_name] = {**WILDS_COMMON, **DATASETS[_name]}
+DOMAINNET_DOMAINS = ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]
 DEFAULTS = dict(aux_weight=0.1, ema=0.99, inner_steps=1)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="MABN: test-time domain adaptation through BN affine parameters.")
     p.add_argument("--dataset", default="digits", choices=sorted(DATASETS))
-    p.add_argument("--root_dir", default="data", help="where datasets live")
+    p.add_argument("--root_dir", default="data", help="where WILDS datasets live (ROOT/<name>_v<version>/)")
+    p.add_argument("--download", action="store_true", help="let wilds download the dataset into --root_dir")
+    p.add_argument("--no_pretrained", dest="pretrained", action="store_false", default=None,
+                   help="start the backbone from random weights instead of ImageNet")
+    p.add_argument("--target_domain", default="real", choices=DOMAINNET_DOMAINS,
+                   help="DomainNet: the held-out domain; the other five are the sources")
     p.add_argument("--out_dir", default=None, help="checkpoints and results.json (default runs/<dataset>_s<seed>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -55,6 +89,8 @@ def parse_args(argv=None):
     g.add_argument("--weight_decay", type=float)
     g.add_argument("--aux_weight", type=float, help="lambda, weight of the BYOL loss (Eq. 2 and 4)")
     g.add_argument("--ema", type=float, help="tau, BYOL target network momentum")
+    g.add_argument("--proj_hidden", type=int, help="BYOL projector/predictor hidden width")
+    g.add_argument("--proj_dim", type=int, help="BYOL projection width")
     g = p.add_argument_group("stage 2: meta-auxiliary training (Alg. 1, Eq. 3-4)")
     g.add_argument("--meta_epochs", type=int)
     g.add_argument("--n_support", type=int, help="unlabelled support images per episode")
@@ -66,6 +102,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("stage 3: test-time adaptation")
     g.add_argument("--n_adapt", type=int, help="unlabelled images of each target domain used to adapt")
     g.add_argument("--eval_batch_size", type=int)
+    g.add_argument("--img_size", type=int, help="input side in pixels")
     args = p.parse_args(argv)
     for key, value in {**DEFAULTS, **DATASETS[args.dataset]}.items():
         if getattr(args, key, None) is None:
@@ -174,15 +211,111 @@ class UInt8Images(torch.utils.data.Dataset):
         return self.x[i].float() / 255.0, self.y[i]
 
 
+def install_torch_scatter_standin():
+    """wilds' grouped metrics import torch_scatter only for a grouped mean; supply one when it is missing."""
+    import importlib.util
+    import types
+    if "torch_scatter" in sys.modules or importlib.util.find_spec("torch_scatter") is not None:
+        return
+
+    def scatter(src, index, dim=-1, dim_size=None, reduce="sum"):
+        out = torch.zeros(dim_size, dtype=src.dtype, device=src.device)  # empty groups stay 0
+        return out.scatter_reduce(0, index, src, reduce="mean" if reduce == "mean" else "sum", include_self=False)
+
+    sys.modules["torch_scatter"] = standin = types.ModuleType("torch_scatter")
+    standin.scatter = scatter
+
+
+class WildsImages(torch.utils.data.Dataset):
+    """A WILDS subset -> (float tensor (C, img_size, img_size), label). Photos are resized and scaled to [0, 1];
+    arrays (PovertyMap) are resized only. Normalisation and augmentation happen in the model / on the device."""
+
+    def __init__(self, subset, img_size):
+        self.subset, self.img_size = subset, img_size
+
+    def __len__(self):
+        return len(self.subset)
+
+    def __getitem__(self, i):
+        x, y, _ = self.subset[i]
+        if not torch.is_tensor(x):  # a PIL image
+            from torchvision.transforms.functional import pil_to_tensor
+            x = pil_to_tensor(x.convert("RGB")).float() / 255.0
+        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+            x = F.interpolate(x[None].float(), size=(self.img_size, self.img_size), mode="bilinear",
+                              antialias=True, align_corners=False)[0]
+        return x, y.view(-1)[0] if y.dim() else y
+
+
+def load_wilds(args):
+    """Train / OOD val / OOD test (/ ID test) splits of a WILDS dataset through wilds.get_dataset."""
+    sys.modules.setdefault("outdated", None)  # wilds' background version check needs the network
+    install_torch_scatter_standin()
+    import wilds
+    from wilds.common.grouper import CombinatorialGrouper
+
+    def get(**kw):
+        try:
+            return wilds.get_dataset(dataset=args.dataset, root_dir=args.root_dir, download=args.download, **kw)
+        except FileNotFoundError:
+            sys.exit(f"error: no {args.dataset} data under {os.path.abspath(args.root_dir)} (wilds expects a folder "
+                     f"{args.dataset}_v<version>/ with a RELEASE_v<version>.txt); download it there or pass --download")
+        except (OSError, ValueError) as e:
+            if args.download:
+                sys.exit(f"error: --download of {args.dataset} failed ({type(e).__name__}: {e}); fetch it by hand "
+                         f"into {os.path.abspath(args.root_dir)}")
+            raise
+
+    if args.dataset == "domainnet":  # leave one domain out: five wilds objects, one per source domain
+        sources = [d for d in DOMAINNET_DOMAINS if d != args.target_domain]
+        objs = [get(source_domain=d, target_domain=args.target_domain) for d in sources]
+        parts = {"train": [(o, "train") for o in objs], "val": [(o, "id_test") for o in objs],
+                 "test": [(objs[0], "test")]}  # val: the sources' own test images (no other domain is left)
+    else:
+        objs = [get()]
+        held_out = "id_test" if "id_test" in objs[0].split_dict else "id_val"  # source images kept from training
+        parts = {"train": [(objs[0], "train")], "val": [(objs[0], "val")], "test": [(objs[0], "test")],
+                 "id_test": [(objs[0], held_out)]}
+    dataset = objs[0]
+    grouper = CombinatorialGrouper(dataset, args.domain_fields)
+    splits, metadata = {}, {}
+    for name, pieces in parts.items():
+        subsets = [o.get_subset(s) for o, s in pieces]
+        metadata[name] = torch.cat([sub.metadata_array for sub in subsets])
+        images = torch.utils.data.ConcatDataset([WildsImages(sub, args.img_size) for sub in subsets])
+        splits[name] = Split(images, grouper.metadata_to_group(metadata[name]), name)
+    task = "regression" if args.dataset == "poverty" else "classification"
+
+    def evaluate(split, outputs, labels):
+        y_pred = outputs.argmax(-1) if task == "classification" else outputs.view(-1, 1)
+        y_true = labels if task == "classification" else labels.view(-1, 1).float()
+        official = dataset.eval(y_pred, y_true, metadata[split.name])[0]
+        return {**{k: float(v) for k, v in official.items()}, **per_domain_metric(outputs, labels, split.domains, task)}
+
+    norm = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}.get(args.norm, args.norm)
+    return dict(splits=splits, n_outputs=1 if task == "regression" else dataset.n_classes, task=task,
+                in_channels=8 if args.dataset == "poverty" else 3, norm=norm, val_metric=args.val_metric,
+                evaluate=evaluate)
+
+
 def load_data(args):
-    """-> dict with train/val/test/id_test Splits, n_outputs, task, in_channels, evaluate(split, y_pred, y_true)."""
-    if args.dataset == "digits":
-        parts = make_digits(size=args.img_size)
-        splits = {s: Split(UInt8Images(x, y), dom, s) for s, (x, y, dom) in parts.items()}
-        return dict(splits=splits, n_outputs=10, task="classification", in_channels=3,
-                    norm=((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)), val_metric="acc_avg",
-                    evaluate=lambda split, y_pred, y_true: accuracy_metrics(y_pred, y_true, split.domains))
-    raise ValueError(f"unknown dataset {args.dataset}")
+    """-> dict(splits={train, val, test[, id_test]: Split}, n_outputs, task, in_channels, norm, val_metric,
+    evaluate(split, outputs, labels) -> {metric: value, "per_domain": {...}})."""
+    if args.dataset != "digits":
+        return load_wilds(args)
+    parts = make_digits(size=args.img_size)
+    splits = {s: Split(UInt8Images(x, y), dom, s) for s, (x, y, dom) in parts.items()}
+    return dict(splits=splits, n_outputs=10, task="classification", in_channels=3, norm=args.norm,
+                val_metric="acc_avg",
+                evaluate=lambda split, outputs, labels: accuracy_metrics(outputs, labels, split.domains))
+
+
+def per_domain_metric(outputs, labels, domains, task):
+    """Accuracy (classification) or MSE (regression) of each domain: {"per_domain": {domain id: value}}."""
+    if task == "classification":
+        return {"per_domain": accuracy_metrics(outputs, labels, domains)["per_domain"]}
+    err = (outputs.view(-1) - labels.view(-1).float()) ** 2
+    return {"per_domain": {int(d): err[domains == d].mean().item() for d in torch.unique(domains)}}
 
 
 def accuracy_metrics(y_pred, y_true, domains):
@@ -224,12 +357,18 @@ def augment(x, gen, min_scale=0.6, max_rot=0.0, flip=True, jitter=0.4, noise=0.0
 # Model: backbone -> pooled feature -> main linear head (no BN) | BYOL projector -> predictor (with BN).
 # ----------------------------------------------------------------------------------------------------------
 class Normalize(nn.Module):
-    def __init__(self, mean, std):
+    """norm = (mean, std) per channel, "per_image" (each image and channel standardised, RxRx1) or None."""
+
+    def __init__(self, norm):
         super().__init__()
+        self.per_image = norm == "per_image"
+        mean, std = norm if isinstance(norm, (tuple, list)) else ((0.0,), (1.0,))
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
     def forward(self, x):
+        if self.per_image:
+            return (x - x.mean(dim=(2, 3), keepdim=True)) / (x.std(dim=(2, 3), keepdim=True) + 1e-5)
         return (x - self.mean) / self.std
 
 
@@ -255,11 +394,27 @@ def small_resnet(in_channels=3, width=16):
         nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-def build_backbone(name, in_channels):
-    """-> (backbone module mapping images to pooled features (B, d), d)."""
+def build_backbone(name, in_channels, pretrained=False):
+    """-> (module mapping images (B, C, H, W) to pooled features (B, d), d). ImageNet weights via torchvision."""
     if name == "small_resnet":
         return small_resnet(in_channels), 64
-    raise ValueError(f"unknown backbone {name}")
+    import torchvision
+    arch = {"resnet50": "resnet50", "densenet121": "densenet121", "resnet18_8ch": "resnet18"}[name]
+    try:
+        net = getattr(torchvision.models, arch)(weights="IMAGENET1K_V1" if pretrained else None)
+    except Exception as e:  # offline, or a broken download
+        sys.exit(f"error: could not load ImageNet weights for {arch} ({type(e).__name__}); put them in the torch "
+                 f"hub cache, or pass --no_pretrained to start from random weights")
+    if arch == "densenet121":
+        dim, net.classifier = net.classifier.in_features, nn.Identity()
+    else:
+        dim, net.fc = net.fc.in_features, nn.Identity()
+    if in_channels != 3:  # PovertyMap: 8 bands; pretrained RGB filters, the mean filter for the other bands
+        rgb = net.conv1.weight.detach()  # (64, 3, 7, 7)
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        with torch.no_grad():
+            net.conv1.weight.copy_(torch.cat([rgb, rgb.mean(1, keepdim=True).expand(-1, in_channels - 3, -1, -1)], 1))
+    return net, dim
 
 
 def mlp(d_in, d_hidden, d_out):
@@ -270,7 +425,7 @@ def mlp(d_in, d_hidden, d_out):
 class MABNNet(nn.Module):
     def __init__(self, backbone, feat_dim, n_outputs, proj_hidden, proj_dim, norm):
         super().__init__()
-        self.backbone = nn.Sequential(Normalize(*norm), backbone)
+        self.backbone = nn.Sequential(Normalize(norm), backbone)
         self.head = nn.Linear(feat_dim, n_outputs)  # main branch: one linear layer, no BN
         self.projector = mlp(feat_dim, proj_hidden, proj_dim)  # auxiliary branch (BYOL online side)
         self.predictor = mlp(proj_dim, proj_hidden, proj_dim)
@@ -318,7 +473,8 @@ def byol_loss(prediction, target_projection):
 
 
 def main_loss(outputs, y, task):
-    return F.cross_entropy(outputs, y) if task == "classification" else F.mse_loss(outputs.squeeze(-1), y.float())
+    """Cross-entropy, or MSE for regression (PovertyMap): outputs (B, n_outputs), y (B,)."""
+    return F.cross_entropy(outputs, y) if task == "classification" else F.mse_loss(outputs.view(-1), y.float())
 
 
 def joint_losses(model, params, target, x, y, augment_fn, task="classification"):
@@ -344,7 +500,8 @@ def joint_losses(model, params, target, x, y, augment_fn, task="classification")
 # Checkpoints: written atomically (temporary file, then rename), loaded with weights_only=True.
 # ----------------------------------------------------------------------------------------------------------
 STAGE_FLAGS = {1: ("dataset", "seed", "epochs", "batch_size", "lr", "lr_decay_epoch", "weight_decay",
-                   "aux_weight", "ema", "max_steps", "img_size", "proj_hidden", "proj_dim"),
+                   "aux_weight", "ema", "max_steps", "img_size", "proj_hidden", "proj_dim", "pretrained",
+                   "target_domain"),
                2: ("meta_epochs", "n_support", "n_query", "inner_lr", "outer_lr", "inner_steps", "first_order")}
 
 
@@ -624,7 +781,7 @@ def main(args, data=None):
         log(f"data: {name}: {len(split.domains)} images, {len(torch.unique(split.domains))} domains")
     timings["data_s"], t0 = time.time() - t0, time.time()
 
-    backbone, feat_dim = build_backbone(args.backbone, data["in_channels"])
+    backbone, feat_dim = build_backbone(args.backbone, data["in_channels"], args.pretrained)
     model = MABNNet(backbone, feat_dim, data["n_outputs"], args.proj_hidden, args.proj_dim, data["norm"]).to(device)
     target = make_target(model)
     steps = {"stage1": train_joint(model, target, data, args, device, log)}

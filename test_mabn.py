@@ -42,21 +42,20 @@ def jitter_aug(seed=0):
     return lambda x: mabn.augment(x, gen, min_scale=0.8, jitter=0.2, noise=0.05)
 
 
-def make_synthetic(n_source=4, n_val=2, n_test=3, per_domain=24, size=8, n_classes=3, seed=0, shift=1.0):
-    """Tiny multi-domain data: class = position of a bright square; domain = contrast and brightness
-    (x' = a x + b, a shift that a BN layer after a conv can undo exactly) plus a colour tint."""
+def make_synthetic(n_source=4, n_val=2, n_test=3, per_domain=24, size=8, n_classes=3, seed=0, gain=0.5):
+    """Tiny multi-domain data. An image is a noisy dark field with a square at a random place; the class is the
+    square's brightness level. Each domain multiplies its images by its own gain a = exp(U(-gain, gain)): a
+    shift that the BN after the first conv undoes exactly (gamma / a), and one that no single model can ignore,
+    since a bright level in a dim domain looks like a dimmer level in a bright one."""
     gen = torch.Generator().manual_seed(seed)
     splits = {s: ([], [], []) for s in ("train", "id_test", "val", "test")}
-    n_domains = n_source + n_val + n_test
-    for d in range(n_domains):
+    for d in range(n_source + n_val + n_test):
         y = torch.randint(0, n_classes, (per_domain,), generator=gen)
-        x = 0.1 * torch.rand(per_domain, 3, size, size, generator=gen)
+        x = 0.05 * torch.randn(per_domain, 3, size, size, generator=gen)
         for i, c in enumerate(y.tolist()):
-            r = (c * size) // n_classes
-            x[i, :, r:r + size // n_classes + 1, 1:size - 1] += 0.8
-        a = float(torch.exp(shift * (2 * torch.rand(1, generator=gen) - 1)))
-        b = float(shift * 0.5 * (2 * torch.rand(1, generator=gen) - 1))
-        x = a * x + b + 0.05 * torch.randn(x.shape, generator=gen)
+            r, col = torch.randint(0, size - 3, (2,), generator=gen).tolist()
+            x[i, :, r:r + 4, col:col + 4] += 0.3 * (c + 1)
+        x = x * float(torch.exp(gain * (2 * torch.rand(1, generator=gen) - 1)))
         dom = torch.full((per_domain,), d)
         parts = ({"train": slice(0, per_domain * 3 // 4), "id_test": slice(per_domain * 3 // 4, None)}
                  if d < n_source else {("val" if d < n_source + n_val else "test"): slice(None)})
@@ -241,3 +240,143 @@ def test_main_end_to_end(tmp_path):
     again = mabn.main(tiny_args(tmp_path), make_synthetic())
     assert again["target"]["mabn"]["acc_avg"] == out["target"]["mabn"]["acc_avg"]
     assert again["time_s"]["stage1_s"] < out["time_s"]["stage1_s"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# WILDS: tiny datasets in the exact on-disk layout of each release, loaded by the real wilds.get_dataset
+# ----------------------------------------------------------------------------------------------------------
+def _image(path, seed, size=12):
+    from PIL import Image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pixels = torch.randint(0, 256, (size, size, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(path)
+
+
+def _release(root, folder):
+    os.makedirs(os.path.join(root, folder), exist_ok=True)
+    open(os.path.join(root, folder, f"RELEASE_{folder.rsplit('_', 1)[1]}.txt"), "w").close()
+    return os.path.join(root, folder)
+
+
+def fake_wilds(root, name, per_domain=4, image_size=12):
+    """Write a tiny `name` dataset under root in its WILDS release layout; -> number of OOD test domains."""
+    import numpy as np
+    import pandas as pd
+    rows = []
+    if name == "iwildcam":
+        d = _release(root, "iwildcam_v2.0")
+        layout = [("train", range(0, 4)), ("id_test", range(0, 4)), ("val", range(4, 6)), ("test", range(6, 9))]
+        for split, locations in layout:
+            for loc in locations:
+                for k in range(per_domain):
+                    i = len(rows)
+                    rows.append(dict(split=split, filename=f"{i}.jpg", y=i % 3, location_remapped=loc,
+                                     sequence_remapped=i, datetime="2013-06-01 12:30:00.000"))
+                    _image(os.path.join(d, "train", f"{i}.jpg"), i, image_size)
+        pd.DataFrame(rows).to_csv(os.path.join(d, "metadata.csv"), index=False)
+        return 3
+    if name == "camelyon17":
+        d = _release(root, "camelyon17_v1.0")
+        for center in range(5):  # centers 1 (val) and 2 (test) are moved by the loader itself
+            for slide in (2 * center, 2 * center + 1):
+                for k in range(per_domain):
+                    patient, node, x, y = f"{slide:03d}", slide % 5, 10 * k, 7 * k
+                    rows.append(dict(patient=patient, node=node, x_coord=x, y_coord=y, tumor=k % 2, slide=slide,
+                                     center=center, split=int(k == 0)))
+                    _image(os.path.join(d, "patches", f"patient_{patient}_node_{node}",
+                                        f"patch_patient_{patient}_node_{node}_x_{x}_y_{y}.png"), len(rows), image_size)
+        pd.DataFrame(rows).to_csv(os.path.join(d, "metadata.csv"))
+        return 2
+    if name == "rxrx1":
+        d = _release(root, "rxrx1_v1.0")
+        layout = [("train", 1), ("train", 2), ("train", 3), ("val", 4), ("test", 5), ("test", 6)]
+        for split, e in layout:
+            experiment = f"HEPG2-{e:02d}"
+            for k in range(per_domain):
+                for site in (1, 2):
+                    well = f"B{k + 2:02d}"
+                    rows.append(dict(site_id=f"{experiment}_1_{well}_{site}", well_id=f"{experiment}_1_{well}",
+                                     cell_type="HEPG2", dataset=split, experiment=experiment, plate=1, well=well,
+                                     site=site, well_type="treatment", sirna=f"s{k % 3}", sirna_id=k % 3))
+                    _image(os.path.join(d, "images", experiment, "Plate1", f"{well}_s{site}.png"), len(rows),
+                           image_size)
+        pd.DataFrame(rows).to_csv(os.path.join(d, "metadata.csv"), index=False)
+        return 2
+    if name == "fmow":
+        from wilds.datasets.fmow_dataset import categories
+        d = _release(root, "fmow_v1.1")
+        pd.DataFrame({"alpha-3": ["USA", "FRA", "CHN", "NGA"], "region": ["Americas", "Europe", "Asia", "Africa"]}
+                     ).to_csv(os.path.join(d, "country_code_mapping.csv"), index=False)
+        layout = [("train", 2010), ("test", 2011), ("val", 2014), ("test", 2016), ("seq", 2010)]
+        for split, year in layout:
+            for country in ("USA", "FRA", "CHN", "NGA"):
+                for k in range(per_domain if split != "seq" else 1):
+                    rows.append(dict(split=split, category=categories[k % 3], country_code=country,
+                                     timestamp=f"{year}-03-0{k + 1}T10:00:00Z"))
+        for i, row in enumerate(rows):
+            _image(os.path.join(d, "images", f"rgb_img_{i}.png"), i, image_size)
+        pd.DataFrame(rows).to_csv(os.path.join(d, "rgb_metadata.csv"), index=False)
+        return 4
+    if name == "poverty":
+        from wilds.datasets.poverty_dataset import SURVEY_NAMES
+        d = _release(root, "poverty_v1.1")
+        folds = SURVEY_NAMES["2009-17A"]
+        countries = ([folds["train"][i % 3] for i in range(2000 + 3 * per_domain)]  # 2000 go to id_val/id_test
+                     + [c for c in folds["val"][:2] for _ in range(per_domain)]
+                     + [c for c in folds["test"][:2] for _ in range(2 * per_domain)])
+        gen = torch.Generator().manual_seed(0)
+        os.makedirs(os.path.join(d, "images"))
+        for i, country in enumerate(countries):
+            rows.append(dict(country=country, wealthpooled=float(torch.randn(1, generator=gen)), urban=i % 2 == 0,
+                             lat=0.0, lon=0.0, year=2012, households=10))
+            np.savez(os.path.join(d, "images", f"landsat_poverty_img_{i}.npz"),
+                     x=torch.randn(8, image_size, image_size, generator=gen).numpy())
+        pd.DataFrame(rows).to_csv(os.path.join(d, "dhs_metadata.csv"), index=False)
+        return 2
+    if name == "domainnet":
+        import csv
+        from wilds.datasets.domainnet_dataset import DOMAIN_NET_CATEGORIES
+        d = _release(root, "domainnet_v1.0")
+        for domain in mabn.DOMAINNET_DOMAINS:
+            for split in ("train", "test"):
+                for k in range(per_domain):
+                    path = f"{domain}/{DOMAIN_NET_CATEGORIES[k % 3]}/{split}_{k}.jpg"
+                    rows.append(dict(image_path=path, domain=domain, split=split,
+                                     category=DOMAIN_NET_CATEGORIES[k % 3], y=k % 3))
+                    _image(os.path.join(d, path), len(rows), image_size)
+        pd.DataFrame(rows).to_csv(os.path.join(d, "metadata.csv"), index=False, quoting=csv.QUOTE_NONNUMERIC)
+        return 1
+    raise ValueError(name)
+
+
+OFFICIAL_METRICS = {"iwildcam": ["acc_avg", "F1-macro_all"], "camelyon17": ["acc_avg"], "rxrx1": ["acc_avg"],
+                    "fmow": ["acc_avg", "acc_worst_region"], "poverty": ["r_all", "r_wg"],
+                    "domainnet": ["acc_avg"]}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_METRICS))
+def test_wilds_end_to_end(tmp_path, name):
+    n_test_domains = fake_wilds(tmp_path / "data", name)
+    args = mabn.parse_args(["--dataset", name, "--root_dir", str(tmp_path / "data"), "--out_dir",
+                            str(tmp_path / "run"), "--no_pretrained", "--img_size", "32", "--epochs", "1",
+                            "--meta_epochs", "1", "--max_steps", "2", "--batch_size", "4", "--n_support", "3",
+                            "--n_query", "2", "--n_adapt", "2", "--eval_batch_size", "64", "--proj_hidden", "16",
+                            "--proj_dim", "8"])
+    mabn.main(args)
+    saved = json.load(open(tmp_path / "run" / "results.json"))
+    for method in ("none", "mabn"):
+        metrics = saved["target"][method]
+        for key in OFFICIAL_METRICS[name]:
+            assert key in metrics and metrics[key] == metrics[key] and abs(metrics[key]) != float("inf"), key
+        assert len(metrics["per_domain"]) == n_test_domains
+    assert saved["steps"] == {"stage1": 2, "stage2": 2}
+
+
+def test_wilds_missing_folder_is_one_clear_line(tmp_path, capsys):
+    args = mabn.parse_args(["--dataset", "iwildcam", "--root_dir", str(tmp_path / "nowhere"), "--out_dir",
+                            str(tmp_path / "run"), "--no_pretrained"])
+    with pytest.raises(SystemExit) as exit_info:
+        mabn.main(args)
+    message = str(exit_info.value)
+    assert message.startswith("error: no iwildcam data under") and "--download" in message
+    assert str(tmp_path / "nowhere") in message and "\n" not in message
