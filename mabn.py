@@ -89,6 +89,7 @@ def parse_args(argv=None):
     g.add_argument("--weight_decay", type=float)
     g.add_argument("--aux_weight", type=float, help="lambda, weight of the BYOL loss (Eq. 2 and 4)")
     g.add_argument("--ema", type=float, help="tau, BYOL target network momentum")
+    g.add_argument("--width", type=int, default=16, help="channels of small_resnet's first stage (digits)")
     g.add_argument("--proj_hidden", type=int, help="BYOL projector/predictor hidden width")
     g.add_argument("--proj_dim", type=int, help="BYOL projection width")
     g = p.add_argument_group("stage 2: meta-auxiliary training (Alg. 1, Eq. 3-4)")
@@ -394,10 +395,10 @@ def small_resnet(in_channels=3, width=16):
         nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-def build_backbone(name, in_channels, pretrained=False):
+def build_backbone(name, in_channels, pretrained=False, width=16):
     """-> (module mapping images (B, C, H, W) to pooled features (B, d), d). ImageNet weights via torchvision."""
     if name == "small_resnet":
-        return small_resnet(in_channels), 64
+        return small_resnet(in_channels, width), 4 * width
     import torchvision
     arch = {"resnet50": "resnet50", "densenet121": "densenet121", "resnet18_8ch": "resnet18"}[name]
     try:
@@ -500,7 +501,7 @@ def joint_losses(model, params, target, x, y, augment_fn, task="classification")
 # Checkpoints: written atomically (temporary file, then rename), loaded with weights_only=True.
 # ----------------------------------------------------------------------------------------------------------
 STAGE_FLAGS = {1: ("dataset", "seed", "epochs", "batch_size", "lr", "lr_decay_epoch", "weight_decay",
-                   "aux_weight", "ema", "max_steps", "img_size", "proj_hidden", "proj_dim", "pretrained",
+                   "aux_weight", "ema", "max_steps", "img_size", "proj_hidden", "proj_dim", "pretrained", "width",
                    "target_domain"),
                2: ("meta_epochs", "n_support", "n_query", "inner_lr", "outer_lr", "inner_steps", "first_order")}
 
@@ -645,9 +646,11 @@ def train_joint(model, target, data, args, device, log):
             best = (metric, {k: v.detach().clone() for k, v in model.state_dict().items()})
         log(f"stage 1 epoch {epoch + 1}/{args.epochs}: main {sums[0] / n_batches:.4f} aux {sums[1] / n_batches:.4f}"
             f" | {n_images / (time.time() - t0):.0f} img/s | val {data['val_metric']} {metric:.4f}")
-        save_atomic(dict(done=False, epoch=epoch, steps=steps, model=model.state_dict(), target=target.state_dict(),
-                         opt=opt.state_dict(), gen=gen.get_state(), loader_gen=loader_gen.get_state(),
-                         best_metric=best[0], best=best[1], flags=stage_flags(args, 1)), path)
+        if epoch + 1 < args.epochs:  # resumable from here; the last epoch is saved as the finished stage below
+            save_atomic(dict(done=False, epoch=epoch, steps=steps, model=model.state_dict(),
+                             target=target.state_dict(), opt=opt.state_dict(), gen=gen.get_state(),
+                             loader_gen=loader_gen.get_state(), best_metric=best[0], best=best[1],
+                             flags=stage_flags(args, 1)), path)
     if best[1] is not None:  # model selection on the validation domains
         model.load_state_dict(best[1])
     save_atomic(dict(done=True, steps=steps, model=model.state_dict(), target=target.state_dict(),
@@ -741,15 +744,16 @@ def train_meta(model, target, data, args, device, log):
         val = evaluate_methods(model, target, phi, data, data["splits"]["val"], args, device, ("mabn",))["mabn"]
         metric = val[data["val_metric"]]
         if metric > best[0] or best[1] is None:
-            best = (metric, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            best = (metric, {k: v.detach().clone() for k, v in phi.items()})  # only phi changes in stage 2
         log(f"stage 2 epoch {epoch + 1}/{args.meta_epochs}: meta {sums[0] / n_done:.4f} (main "
             f"{sums[1] / n_done:.4f} aux {sums[2] / n_done:.4f}) | {n_images / (time.time() - t0):.0f} img/s"
             f" | val mabn {data['val_metric']} {metric:.4f}")
-        save_atomic(dict(done=False, epoch=epoch, steps=steps, model=model.state_dict(), opt=opt.state_dict(),
-                         gen=gen.get_state(), episode_gen=episode_gen.get_state(), best_metric=best[0],
-                         best=best[1], flags=stage_flags(args, 2)), path)
+        if epoch + 1 < args.meta_epochs:
+            save_atomic(dict(done=False, epoch=epoch, steps=steps, model=model.state_dict(), opt=opt.state_dict(),
+                             gen=gen.get_state(), episode_gen=episode_gen.get_state(), best_metric=best[0],
+                             best=best[1], flags=stage_flags(args, 2)), path)
     if best[1] is not None:
-        model.load_state_dict(best[1])
+        model.load_state_dict(best[1], strict=False)
     save_atomic(dict(done=True, steps=steps, model=model.state_dict(), flags=stage_flags(args, 2)), path)
     return steps
 
@@ -781,7 +785,7 @@ def main(args, data=None):
         log(f"data: {name}: {len(split.domains)} images, {len(torch.unique(split.domains))} domains")
     timings["data_s"], t0 = time.time() - t0, time.time()
 
-    backbone, feat_dim = build_backbone(args.backbone, data["in_channels"], args.pretrained)
+    backbone, feat_dim = build_backbone(args.backbone, data["in_channels"], args.pretrained, args.width)
     model = MABNNet(backbone, feat_dim, data["n_outputs"], args.proj_hidden, args.proj_dim, data["norm"]).to(device)
     target = make_target(model)
     steps = {"stage1": train_joint(model, target, data, args, device, log)}
@@ -802,11 +806,12 @@ def main(args, data=None):
     timings["stage3_s"] = time.time() - t0
 
     metric_names = [k for k in results["target"]["none"] if k != "per_domain"]
-    log(f"\n{'method':<14}" + "".join(f"{m:>12}" for m in metric_names) + "   (target domains, split 'test')")
+    w = max(map(len, metric_names)) + 2
+    log(f"\n{'method':<16}" + "".join(f"{m:>{w}}" for m in metric_names) + "   (target domains, split 'test')")
     for method, metrics in results["target"].items():
-        log(f"{method:<14}" + "".join(f"{metrics[m]:>12.4f}" for m in metric_names))
+        log(f"{method:<16}" + "".join(f"{metrics[m]:>{w}.4f}" for m in metric_names))
     if "source_heldout" in results:
-        log(f"{'stage1 source':<14}" + "".join(f"{results['source_heldout'][m]:>12.4f}" for m in metric_names)
+        log(f"{'stage1 source':<16}" + "".join(f"{results['source_heldout'][m]:>{w}.4f}" for m in metric_names)
             + "   (held-out images of the source domains, split 'id_test')")
     log("time: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     out = dict(flags=vars(args), seed=args.seed, device=str(device), steps=steps, time_s=timings, **results)

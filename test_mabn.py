@@ -145,15 +145,19 @@ def test_meta_gradient_matches_finite_differences(tmp_path):
     grads = torch.autograd.grad(loss_at(phi), list(phi.values()))
     grads_fo = torch.autograd.grad(loss_at(phi, first_order=True), list(phi.values()))
     flat, flat_fo = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in grads_fo])
+    coords = [(k, i) for k, v in phi.items() for i in range(v.numel())]
+    coords = [coords[j] for j in torch.randperm(len(coords), generator=gen)[:40]]  # 40 random coordinates
     numeric, eps = [], 1e-6
-    for k, v in phi.items():
-        for i in range(v.numel()):
-            delta = torch.zeros(v.numel(), dtype=v.dtype)
-            delta[i] = eps
-            moved = [{**phi, k: (v.detach().flatten() + sign * delta).view_as(v)} for sign in (1, -1)]
-            moved = [{n: t.detach().requires_grad_(True) for n, t in m.items()} for m in moved]
-            numeric.append((loss_at(moved[0]) - loss_at(moved[1])).detach() / (2 * eps))
-    numeric = torch.stack(numeric).detach()
+    for k, i in coords:
+        delta = torch.zeros(phi[k].numel(), dtype=torch.float64)
+        delta[i] = eps
+        moved = [{**phi, k: (phi[k].detach().flatten() + sign * delta).view_as(phi[k])} for sign in (1, -1)]
+        moved = [{n: t.detach().requires_grad_(True) for n, t in m.items()} for m in moved]
+        numeric.append((loss_at(moved[0]) - loss_at(moved[1])).detach() / (2 * eps))
+    numeric = torch.stack(numeric)
+    offsets = dict(zip(phi, torch.tensor([0] + [v.numel() for v in phi.values()]).cumsum(0).tolist()))
+    picked = torch.tensor([offsets[k] + i for k, i in coords])
+    flat, flat_fo = flat[picked], flat_fo[picked]
     assert torch.allclose(flat, numeric, rtol=1e-4, atol=1e-7)
     assert not torch.allclose(flat_fo, numeric, rtol=1e-2, atol=1e-5)  # first order drops a real term
 
@@ -241,6 +245,20 @@ def test_main_end_to_end(tmp_path):
     assert again["target"]["mabn"]["acc_avg"] == out["target"]["mabn"]["acc_avg"]
     assert again["time_s"]["stage1_s"] < out["time_s"]["stage1_s"]
 
+
+
+# 10. Learning: on a shift that BN affine can undo, the meta-learned adaptation beats no adaptation
+def test_mabn_beats_no_adaptation_on_gain_shift(tmp_path):
+    """32 source domains, 6 unseen target domains, each with its own gain (see make_synthetic). For seeds 0-6 of
+    this exact setting, mabn - none was +5.2, +21.9, +27.6, +13.0, +3.2, +4.2, +5.7 accuracy points; against
+    the stage-1 model (no meta-training, no adaptation) mabn won 6 of the 7 (seed 6: -3.7), so that is not asserted."""
+    data = make_synthetic(n_source=32, n_val=4, n_test=6, per_domain=32, gain=0.5)
+    args = mabn.parse_args(["--out_dir", str(tmp_path / "run"), "--seed", "0", "--epochs", "3", "--meta_epochs",
+                            "10", "--batch_size", "16", "--n_support", "16", "--n_query", "16", "--n_adapt", "16",
+                            "--inner_lr", "0.2", "--outer_lr", "0.015"])
+    args.aug = dict(min_scale=0.7, max_rot=0.0, flip=True, jitter=0.0, noise=0.05)  # keep brightness: it is the label
+    target = mabn.main(args, data)["target"]
+    assert target["mabn"]["acc_avg"] >= target["none"]["acc_avg"] + 0.03
 
 # ----------------------------------------------------------------------------------------------------------
 # WILDS: tiny datasets in the exact on-disk layout of each release, loaded by the real wilds.get_dataset
