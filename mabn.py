@@ -12,6 +12,7 @@ Commands:
   python -m pytest -q test_mabn.py
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -32,8 +33,8 @@ DATASETS = {
     # Offline default: sklearn's bundled handwritten digits rendered by 20 "cameras" (see make_digits).
     "digits": dict(backbone="small_resnet", img_size=16, norm=((0.5,) * 3, (0.25,) * 3), pretrained=False,
                    val_metric="acc_avg", n_adapt=32, batch_size=64, lr=2e-3, weight_decay=0.0,
-                   epochs=12, lr_decay_epoch=8, meta_epochs=6, n_support=32, n_query=32, inner_lr=0.1,
-                   outer_lr=1e-3, proj_hidden=256, proj_dim=64, eval_batch_size=256,
+                   epochs=10, lr_decay_epoch=7, meta_epochs=6, n_support=32, n_query=32, inner_lr=0.2,
+                   outer_lr=1e-2, proj_hidden=256, proj_dim=64, eval_batch_size=256,
                    aug=dict(min_scale=0.7, max_rot=15.0, flip=False, jitter=0.4, noise=0.05)),
 }
 WILDS_COMMON = dict(proj_hidden=4096, proj_dim=256, meta_epochs=10, lr_decay_epoch=20, pretrained=True)
@@ -65,6 +66,8 @@ for _name in DATASETS:
         DATASETS[_name] = {**WILDS_COMMON, **DATASETS[_name]}
 DOMAINNET_DOMAINS = ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]
 DEFAULTS = dict(aux_weight=0.1, ema=0.99, inner_steps=1)
+METHODS = ["none", "bn_stats", "tent", "mabn", "mabn_tent", "mabn_tent_affine", "mabn_unmatched", "no_meta"]
+TENT_OF = {"tent": "batch", "mabn_tent": "batch", "mabn_tent_affine": "source"}  # BN statistics TENT runs with
 
 
 def parse_args(argv=None):
@@ -76,8 +79,13 @@ def parse_args(argv=None):
                    help="start the backbone from random weights instead of ImageNet")
     p.add_argument("--target_domain", default="real", choices=DOMAINNET_DOMAINS,
                    help="DomainNet: the held-out domain; the other five are the sources")
-    p.add_argument("--out_dir", default=None, help="checkpoints and results.json (default runs/<dataset>_s<seed>)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out_dir", default=None, help="checkpoints, logs and results.json (default runs/<dataset>)")
+    p.add_argument("--seed", type=int, default=0, help="one seed (shorthand for --seeds SEED)")
+    p.add_argument("--seeds", type=int, nargs="+", help="run the whole pipeline for each; table is mean ± std")
+    p.add_argument("--methods", nargs="+", default=["none", "mabn"], choices=METHODS,
+                   help="what stage 3 compares on the target domains (same support sets for all)")
+    p.add_argument("--no_meta_n_adapt", type=int, nargs="+", help="no_meta: the numbers of adaptation images")
+    p.add_argument("--tent_lr", type=float, default=1e-3, help="TENT's Adam step on the BN affine per test batch")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--max_steps", type=int, default=None, help="cap on the steps of each stage (smoke runs)")
@@ -109,9 +117,10 @@ def parse_args(argv=None):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.out_dir is None:
-        args.out_dir = os.path.join("runs", f"{args.dataset}_s{args.seed}")
-    for key in ("lr", "inner_lr", "outer_lr", "batch_size", "n_adapt", "n_support", "n_query", "inner_steps",
-                "eval_batch_size"):
+        args.out_dir = os.path.join("runs", args.dataset)
+    args.seeds = args.seeds or [args.seed]
+    for key in ("lr", "inner_lr", "outer_lr", "tent_lr", "batch_size", "n_adapt", "n_support", "n_query",
+                "inner_steps", "eval_batch_size", "img_size", "width"):
         if getattr(args, key) <= 0:
             p.error(f"--{key} must be > 0, got {getattr(args, key)}")
     for key in ("epochs", "meta_epochs", "weight_decay", "num_workers"):
@@ -498,7 +507,172 @@ def joint_losses(model, params, target, x, y, augment_fn, task="classification")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints: written atomically (temporary file, then rename), loaded with weights_only=True.
+# The inner step (Eq. 3), shared by stage 2 (inside the meta-objective) and stage 3 (per-domain adaptation)
+# ----------------------------------------------------------------------------------------------------------
+def inner_step(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps=1, create_graph=True):
+    """Eq. (3): phi~ = phi - alpha * grad_phi L_aux(S; phi), repeated `steps` times. No labels are used.
+
+    With create_graph=True the result stays differentiable w.r.t. phi through the gradient itself (second-order
+    MAML); with False the gradient is a constant and d phi~ / d phi is the identity (first-order).
+    """
+    adapted = dict(phi)
+    for _ in range(steps):
+        _, loss_aux = joint_losses(model, {**frozen, **adapted}, target, support_x, None, augment_fn)
+        grads = torch.autograd.grad(loss_aux, list(adapted.values()), create_graph=create_graph)
+        adapted = {k: v - inner_lr * g for (k, v), g in zip(adapted.items(), grads)}
+    return adapted
+
+
+def adapt_domain(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps):
+    """Adapt one domain (Alg. 1, line 12): Eq. (3) on its k unlabelled images (k, C, H, W), from phi.
+
+    Pure: returns new {name: tensor} affine parameters; the module, phi and the target are left as they were.
+    """
+    phi = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+    with torch.enable_grad():
+        adapted = inner_step(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps, create_graph=False)
+    return {k: v.detach() for k, v in adapted.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Baselines' pieces: BN with batch statistics (TENT, BN re-estimation) and TENT's entropy step
+# ----------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def bn_batch_stats(model, record=None):
+    """Within the block, every BN of the backbone normalises with the statistics of the batch it sees (its affine
+    still from the tensors in use); record, if given, receives {module name: (mean, unbiased var)}."""
+    names = {m: n for n, m in model.backbone.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+    def hook(mod, inputs, output):
+        x = inputs[0]
+        dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        if record is not None:
+            record[f"backbone.{names[mod]}"] = (mean.detach(), x.var(dims, unbiased=True).detach())
+        return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + mod.eps) * mod.weight.view(shape) \
+            + mod.bias.view(shape)
+
+    handles = [m.register_forward_hook(hook) for m in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def bn_stats_overrides(model, params, support_x):
+    """BN statistics re-estimated on a support set (Schneider et al. / Nado et al. 2020): new running buffers."""
+    record = {}
+    with bn_batch_stats(model, record):
+        functional_call(model, params, (support_x,))
+    return {k: v for name, (mean, var) in record.items()
+            for k, v in ((f"{name}.running_mean", mean), (f"{name}.running_var", var))}
+
+
+def entropy(logits):
+    return -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)  # (B, n_classes) -> (B,)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: one loader over a split, batches grouped by domain; per-domain parameters swapped in functionally
+# ----------------------------------------------------------------------------------------------------------
+def predict(model, params, split, overrides, device, batch_size, num_workers=0, tent=None, tent_lr=1e-3):
+    """Predict every item of split, domain by domain; items of domain d use the tensors overrides[d] in place of
+    the model's own. tent="batch" (whole BN: batch statistics + affine) or "source" (affine only, stored
+    statistics) runs TENT: one entropy step on the BN affine per test batch, reset at each new domain.
+    -> (outputs (N, n_outputs), labels (N,)) in the split's index order. Never runs the auxiliary branch.
+    """
+    by_domain = split.domain_indices()
+    batches = [idx[i:i + batch_size] for idx in by_domain.values() for i in range(0, len(idx), batch_size)]
+    loader = torch.utils.data.DataLoader(split.dataset, batch_sampler=batches, collate_fn=collate_xy,
+                                         num_workers=num_workers, pin_memory=device.type == "cuda")
+    affine_names = [f"backbone.{n}" for n in bn_affine_names(model.backbone)]  # TENT adapts the backbone's BN
+    outputs, labels, order, current = [], [], [], None
+    for idx, (x, y) in zip(batches, loader):
+        d = int(split.domains[idx[0]])
+        if d != current:  # a new domain: its own parameters, and (TENT) a fresh optimiser from them
+            current, domain_params = d, {**params, **overrides.get(d, {})}
+            if tent:
+                affine = {k: domain_params[k].detach().clone().requires_grad_(True) for k in affine_names}
+                opt = torch.optim.Adam(affine.values(), lr=tent_lr)
+        x = x.to(device, non_blocking=True)
+        if tent:
+            with torch.enable_grad(), (bn_batch_stats(model) if tent == "batch" else contextlib.nullcontext()):
+                out = functional_call(model, {**domain_params, **affine}, (x,))
+                opt.zero_grad(set_to_none=True)
+                entropy(out).mean().backward()  # TENT: predict with this forward, then update
+                opt.step()
+            out = out.detach()
+        else:
+            with torch.no_grad():
+                out = functional_call(model, domain_params, (x,))  # main branch only
+        outputs.append(out.float().cpu()), labels.append(y), order.extend(idx)
+    inverse = torch.argsort(torch.tensor(order))
+    return torch.cat(outputs)[inverse], torch.cat(labels)[inverse]
+
+
+def support_set(split, d_indices, n_adapt):
+    """The first n_adapt images of a domain, in index order (Meta-DMoE's protocol): (k, C, H, W)."""
+    return torch.stack([split.dataset[i][0] for i in d_indices[:n_adapt]])
+
+
+def derangement(n, gen):
+    """A random permutation of range(n) with no fixed point (n >= 2), for the unmatched analysis (Table 3)."""
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        if not (perm == torch.arange(n)).any():
+            return perm.tolist()
+
+
+def evaluate_methods(model, target, phi, data, split, args, device, methods=("none", "mabn"), n_adapt=None,
+                     log=print):
+    """-> {method: metrics} on split, every domain starting from the affine phi and every method seeing the same
+    support set of a domain (its first n_adapt images):
+      none: phi as it is | bn_stats: BN statistics re-estimated on the support set | tent: TENT per test batch
+      mabn: phi adapted per domain (adapt_domain) | mabn_tent[_affine]: mabn, then TENT with batch statistics
+      [or with the stored ones] | mabn_unmatched: each domain predicted with ANOTHER domain's adapted phi.
+    """
+    model.eval(), target.eval()
+    n_adapt = n_adapt or args.n_adapt
+    frozen = split_params(model)[1]
+    params = {**frozen, **{k: v.detach() for k, v in phi.items()}}
+    by_domain = split.domain_indices()
+    supports = {d: support_set(split, idx, n_adapt).to(device) for d, idx in by_domain.items()}  # (k, C, H, W)
+    for d, idx in by_domain.items():
+        if len(idx) < n_adapt:
+            log(f"note: domain {d} of split '{split.name}' has {len(idx)} images < n_adapt={n_adapt}: all are used")
+    gen = torch.Generator(device).manual_seed(args.seed + 1)
+    augment_fn = lambda x: augment(x, gen, **args.aug)  # noqa: E731
+    if data["task"] != "classification" and any(m in TENT_OF for m in methods):
+        log("note: tent and mabn_tent* minimise prediction entropy, which regression does not have: skipped")
+        methods = [m for m in methods if m not in TENT_OF]
+    adapted = {}
+    if any(m.startswith("mabn") for m in methods):
+        adapted = {d: adapt_domain(model, phi, frozen, target, supports[d], augment_fn, args.inner_lr,
+                                   args.inner_steps) for d in by_domain}
+    results = {}
+    for method in methods:
+        overrides = {}
+        if method == "bn_stats":
+            overrides = {d: bn_stats_overrides(model, params, supports[d]) for d in by_domain}
+        elif method.startswith("mabn") and method != "mabn_unmatched":
+            overrides = adapted
+        elif method == "mabn_unmatched" and len(adapted) >= 2:
+            domains = list(adapted)
+            perm = derangement(len(domains), torch.Generator().manual_seed(args.seed))
+            overrides = {d: adapted[domains[j]] for d, j in zip(domains, perm)}
+        elif method == "mabn_unmatched":
+            log("note: mabn_unmatched needs two or more domains: skipped")
+            continue
+        outputs, labels = predict(model, params, split, overrides, device, args.eval_batch_size, args.num_workers,
+                                  TENT_OF.get(method), args.tent_lr)
+        results[method] = data["evaluate"](split, outputs, labels)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints (written atomically, loaded with weights_only=True) and the epoch loop both stages share
 # ----------------------------------------------------------------------------------------------------------
 STAGE_FLAGS = {1: ("dataset", "seed", "epochs", "batch_size", "lr", "lr_decay_epoch", "weight_decay",
                    "aux_weight", "ema", "max_steps", "img_size", "proj_hidden", "proj_dim", "pretrained", "width",
@@ -538,143 +712,88 @@ def load_checkpoint(path, args, stage):
     return ckpt
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation: adapt each domain once from its first k images, then predict all its images (Alg. 1, line 12).
-# ----------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def predict(model, params, split, overrides, device, batch_size, num_workers=0):
-    """Predict every item of split, domain by domain through one loader; items of domain d use the tensors
-    overrides[d] in place of the model's own (e.g. its adapted BN affine). -> (outputs (N, ...), labels (N,)).
-    """
-    by_domain = split.domain_indices()
-    batches = [idx[i:i + batch_size] for idx in by_domain.values() for i in range(0, len(idx), batch_size)]
-    batch_domain = [int(split.domains[b[0]]) for b in batches]
-    loader = torch.utils.data.DataLoader(split.dataset, batch_sampler=batches, collate_fn=collate_xy,
-                                         num_workers=num_workers)
-    outputs, labels, order = [], [], []
-    for idx, d, (x, y) in zip(batches, batch_domain, loader):
-        out = functional_call(model, {**params, **overrides.get(d, {})}, (x.to(device),))  # main branch only
-        outputs.append(out.float().cpu()), labels.append(y), order.extend(idx)
-    inverse = torch.argsort(torch.tensor(order))  # back to the split's index order
-    return torch.cat(outputs)[inverse], torch.cat(labels)[inverse]
-
-
-def support_set(split, d_indices, n_adapt):
-    """The first n_adapt images of a domain, in index order (Meta-DMoE's protocol): (k, C, H, W)."""
-    return torch.stack([split.dataset[i][0] for i in d_indices[:n_adapt]])
-
-
-def adapt_domain(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps):
-    """Adapt one domain: Eq. (3) inner step(s) on the BYOL loss of the unlabelled support set, from phi.
-
-    Pure: returns new {name: tensor} affine parameters; the module, phi and the target are left as they were.
-    """
-    phi = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
-    with torch.enable_grad():
-        adapted = inner_step(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps, create_graph=False)
-    return {k: v.detach() for k, v in adapted.items()}
-
-
-def evaluate_methods(model, target, phi, data, split, args, device, methods=("none", "mabn")):
-    """-> {method: metrics} on split, starting every domain from the affine phi; all methods see the same
-    support set of a domain. none: phi as it is; mabn: phi adapted per domain by adapt_domain."""
-    model.eval(), target.eval()
-    frozen = split_params(model)[1]
-    phi = {k: v.detach() for k, v in phi.items()}
-    gen = torch.Generator(device).manual_seed(args.seed + 1)
-    augment_fn = lambda x: augment(x, gen, **args.aug)  # noqa: E731
-    results = {}
-    for method in methods:
-        overrides = {}
-        if method == "mabn":
-            for d, idx in split.domain_indices().items():
-                support_x = support_set(split, idx, args.n_adapt).to(device)  # (k, C, H, W)
-                overrides[d] = adapt_domain(model, phi, frozen, target, support_x, augment_fn, args.inner_lr,
-                                            args.inner_steps)
-        outputs, labels = predict(model, {**frozen, **phi}, split, overrides, device, args.eval_batch_size,
-                                  args.num_workers)
-        results[method] = data["evaluate"](split, outputs, labels)
-    return results
+def fit(stage, model, target, opt, gens, epoch_batches, step, n_epochs, val_method, data, args, device, log):
+    """Run `step` over `epoch_batches(epoch)` for n_epochs; after each epoch score val_method on the validation
+    domains, keep the best (model selection, WILDS' OOD validation), checkpoint atomically. Resumes an
+    interrupted stage from its last finished epoch; a finished stage is loaded, not rerun. -> steps taken."""
+    path = os.path.join(args.out_dir, f"stage{stage}.pt")
+    ckpt = load_checkpoint(path, args, stage)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"]), target.load_state_dict(ckpt["target"])
+        if ckpt["done"]:
+            log(f"stage {stage}: loaded finished checkpoint {path}")
+            return ckpt["steps"]
+        opt.load_state_dict(ckpt["opt"])
+        for g, state in zip(gens, ckpt["gens"]):
+            g.set_state(state)
+        log(f"stage {stage}: resuming after epoch {ckpt['epoch'] + 1} ({path})")
+    start, steps, best = (0, 0, (-math.inf, None)) if ckpt is None else \
+        (ckpt["epoch"] + 1, ckpt["steps"], (ckpt["best_metric"], ckpt["best"]))
+    kept = set(bn_affine_names(model)) if stage == 2 else set(model.state_dict())  # what model selection keeps
+    for epoch in range(start, n_epochs):
+        t0, n_images, n_steps, sums = time.time(), 0, 0, None
+        for batch in epoch_batches(epoch):
+            if args.max_steps is not None and steps >= args.max_steps:
+                break
+            losses, n = step(batch)  # {name: scalar tensor}, images used
+            if not all(torch.isfinite(v) for v in losses.values()):
+                sys.exit(f"error: stage {stage}, epoch {epoch + 1}, step {steps + 1}: non-finite loss "
+                         f"({', '.join(f'{k}={v.item()}' for k, v in losses.items())}); the last good checkpoint "
+                         f"is {path}; lower the learning rate")
+            sums = {k: v.detach() + (0 if sums is None else sums[k]) for k, v in losses.items()}
+            n_images, n_steps, steps = n_images + n, n_steps + 1, steps + 1
+        phi = split_params(model)[0]
+        metric = evaluate_methods(model, target, phi, data, data["splits"]["val"], args, device, (val_method,),
+                                  log=log)[val_method][data["val_metric"]]
+        if best[1] is None or metric > best[0]:
+            best = (metric, {k: v.detach().clone() for k, v in model.state_dict().items() if k in kept})
+        means = " ".join(f"{k} {v.item() / max(1, n_steps):.4f}" for k, v in (sums or {}).items())
+        log(f"stage {stage} epoch {epoch + 1}/{n_epochs}: {means} | {n_images / (time.time() - t0):.0f} img/s | "
+            f"val {val_method} {data['val_metric']} {metric:.4f}")
+        if epoch + 1 < n_epochs:  # resumable from here; the last epoch is saved as the finished stage below
+            save_atomic(dict(done=False, epoch=epoch, steps=steps, model=model.state_dict(), target=target.state_dict(),
+                             opt=opt.state_dict(), gens=[g.get_state() for g in gens], best_metric=best[0],
+                             best=best[1], flags=stage_flags(args, stage)), path)
+    if best[1] is not None:
+        model.load_state_dict(best[1], strict=False)
+    save_atomic(dict(done=True, steps=steps, model=model.state_dict(), target=target.state_dict(),
+                     flags=stage_flags(args, stage)), path)
+    return steps
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Stage 1: joint training of the whole network on all source domains mixed, L = L_main + lambda L_aux (Eq. 2).
 # ----------------------------------------------------------------------------------------------------------
 def train_joint(model, target, data, args, device, log):
-    path = os.path.join(args.out_dir, "stage1.pt")
-    ckpt = load_checkpoint(path, args, 1)
-    if ckpt is not None and ckpt["done"]:
-        model.load_state_dict(ckpt["model"]), target.load_state_dict(ckpt["target"])
-        log(f"stage 1: loaded finished checkpoint {path}")
-        return ckpt["steps"]
-    train = data["splits"]["train"]
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    loader_gen = torch.Generator().manual_seed(args.seed)
-    start, steps, best = 0, 0, (-math.inf, None)
-    if ckpt is not None:  # resume an interrupted stage 1 at the epoch after its last checkpoint
-        model.load_state_dict(ckpt["model"]), target.load_state_dict(ckpt["target"])
-        opt.load_state_dict(ckpt["opt"])
-        gen.set_state(ckpt["gen"]), loader_gen.set_state(ckpt["loader_gen"])
-        start, steps, best = ckpt["epoch"] + 1, ckpt["steps"], (ckpt["best_metric"], ckpt["best"])
-        log(f"stage 1: resuming from epoch {start} ({path})")
-    loader = torch.utils.data.DataLoader(train.dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         collate_fn=collate_xy, generator=loader_gen, num_workers=args.num_workers)
+    gen, loader_gen = torch.Generator(device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
+    loader = torch.utils.data.DataLoader(data["splits"]["train"].dataset, batch_size=args.batch_size, shuffle=True,
+                                         drop_last=True, collate_fn=collate_xy, generator=loader_gen,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     augment_fn = lambda x: augment(x, gen, **args.aug)  # noqa: E731
-    for epoch in range(start, args.epochs):
+
+    def epoch_batches(epoch):
         for group in opt.param_groups:  # the paper halves the LR after a fixed epoch
             group["lr"] = args.lr * (0.5 if epoch >= args.lr_decay_epoch else 1.0)
         model.train(), target.train()
-        t0, n_images, sums = time.time(), 0, torch.zeros(2)
-        for x, y in loader:
-            if args.max_steps is not None and steps >= args.max_steps:
-                break
-            x, y = x.to(device), y.to(device)
-            loss_main, loss_aux = joint_losses(model, None, target, x, y, augment_fn, data["task"])
-            loss = loss_main + args.aux_weight * loss_aux  # Eq. (2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ema_update(target, model, args.ema)
-            sums += torch.stack([loss_main.detach(), loss_aux.detach()]).cpu()
-            n_images, steps = n_images + len(x), steps + 1
-        n_batches = max(1, n_images // args.batch_size)
-        val = evaluate_methods(model, target, split_params(model)[0], data, data["splits"]["val"], args, device,
-                               ("none",))["none"]
-        metric = val[data["val_metric"]]
-        if metric > best[0] or best[1] is None:
-            best = (metric, {k: v.detach().clone() for k, v in model.state_dict().items()})
-        log(f"stage 1 epoch {epoch + 1}/{args.epochs}: main {sums[0] / n_batches:.4f} aux {sums[1] / n_batches:.4f}"
-            f" | {n_images / (time.time() - t0):.0f} img/s | val {data['val_metric']} {metric:.4f}")
-        if epoch + 1 < args.epochs:  # resumable from here; the last epoch is saved as the finished stage below
-            save_atomic(dict(done=False, epoch=epoch, steps=steps, model=model.state_dict(),
-                             target=target.state_dict(), opt=opt.state_dict(), gen=gen.get_state(),
-                             loader_gen=loader_gen.get_state(), best_metric=best[0], best=best[1],
-                             flags=stage_flags(args, 1)), path)
-    if best[1] is not None:  # model selection on the validation domains
-        model.load_state_dict(best[1])
-    save_atomic(dict(done=True, steps=steps, model=model.state_dict(), target=target.state_dict(),
-                     flags=stage_flags(args, 1)), path)
-    return steps
+        return loader
+
+    def step(batch):
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        loss_main, loss_aux = joint_losses(model, None, target, x, y, augment_fn, data["task"])
+        opt.zero_grad(set_to_none=True)
+        (loss_main + args.aux_weight * loss_aux).backward()  # Eq. (2)
+        opt.step()
+        ema_update(target, model, args.ema)
+        return {"main": loss_main, "aux": loss_aux}, len(x)
+
+    return fit(1, model, target, opt, [gen, loader_gen], epoch_batches, step, args.epochs, "none", data, args,
+               device, log)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Stage 2: meta-auxiliary training of the BN affine parameters (Algorithm 1, Eq. 3-4).
 # ----------------------------------------------------------------------------------------------------------
-def inner_step(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps=1, create_graph=True):
-    """Eq. (3): phi~ = phi - alpha * grad_phi L_aux(S; phi), repeated `steps` times. No labels are used.
-
-    With create_graph=True the result stays differentiable w.r.t. phi through the gradient itself (second-order
-    MAML); with False the gradient is a constant and d phi~ / d phi is the identity (first-order).
-    """
-    adapted = dict(phi)
-    for _ in range(steps):
-        _, loss_aux = joint_losses(model, {**frozen, **adapted}, target, support_x, None, augment_fn)
-        grads = torch.autograd.grad(loss_aux, list(adapted.values()), create_graph=create_graph)
-        adapted = {k: v - inner_lr * g for (k, v), g in zip(adapted.items(), grads)}
-    return adapted
-
-
 def meta_loss(model, phi, frozen, target, support_x, query_x, query_y, augment_fn, args, task="classification"):
     """Eq. (4) objective: L_main(Q; phi~) + lambda L_aux(Q; phi~), phi~ adapted on S. Differentiable in phi."""
     adapted = inner_step(model, phi, frozen, target, support_x, augment_fn, args.inner_lr, args.inner_steps,
@@ -701,68 +820,88 @@ def episodes(split, n_support, n_query, n_episodes, gen):
 
 
 def train_meta(model, target, data, args, device, log):
-    path = os.path.join(args.out_dir, "stage2.pt")
-    ckpt = load_checkpoint(path, args, 2)
     phi, frozen = split_params(model)
-    for p in model.parameters():  # freeze every weight matrix; only phi (BN gamma, beta) learns
-        p.requires_grad_(False)
+    model.requires_grad_(False)  # freeze every weight matrix; only phi (BN gamma, beta) learns
     for p in phi.values():
         p.requires_grad_(True)
-    if ckpt is not None and ckpt["done"]:
-        model.load_state_dict(ckpt["model"])
-        log(f"stage 2: loaded finished checkpoint {path}")
-        return ckpt["steps"]
     opt = torch.optim.Adam(phi.values(), lr=args.outer_lr)
-    gen = torch.Generator(device).manual_seed(args.seed + 2)
-    episode_gen = torch.Generator().manual_seed(args.seed + 2)
-    start, steps, best = 0, 0, (-math.inf, None)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"]), opt.load_state_dict(ckpt["opt"])
-        gen.set_state(ckpt["gen"]), episode_gen.set_state(ckpt["episode_gen"])
-        start, steps, best = ckpt["epoch"] + 1, ckpt["steps"], (ckpt["best_metric"], ckpt["best"])
-        log(f"stage 2: resuming from epoch {start} ({path})")
+    gen, episode_gen = torch.Generator(device).manual_seed(args.seed + 2), torch.Generator().manual_seed(args.seed + 2)
     train = data["splits"]["train"]
     n_episodes = max(1, len(train.domains) // (args.n_support + args.n_query))  # an epoch sees ~every image once
     augment_fn = lambda x: augment(x, gen, **args.aug)  # noqa: E731
-    load = lambda idx: collate_xy([train.dataset[i] for i in idx])  # noqa: E731
-    for epoch in range(start, args.meta_epochs):
+    small = [d for d, idx in train.domain_indices().items() if len(idx) < args.n_support + args.n_query]
+    if small:
+        log(f"note: {len(small)} source domains have fewer than n_support + n_query images: their episodes split "
+            f"what they have in the same proportion (no image in both sets); single-image domains are skipped")
+
+    def epoch_batches(epoch):
         model.eval(), target.eval()  # BN uses (and keeps) the source statistics from stage 1
-        t0, n_images, n_done, sums = time.time(), 0, 0, torch.zeros(3)
-        for _, support_idx, query_idx in episodes(train, args.n_support, args.n_query, n_episodes, episode_gen):
-            if args.max_steps is not None and steps >= args.max_steps:
-                break
-            support_x = load(support_idx)[0].to(device)  # (S, C, H, W), labels never used
-            query_x, query_y = (t.to(device) for t in load(query_idx))  # (Q, C, H, W), (Q,)
-            losses = meta_loss(model, phi, frozen, target, support_x, query_x, query_y, augment_fn, args,
-                               data["task"])
-            opt.zero_grad(set_to_none=True)
-            losses[0].backward()  # Eq. (4): gradient w.r.t. the ORIGINAL phi, through the inner step
-            opt.step()
-            sums += torch.stack([t.detach() for t in losses]).cpu()
-            n_images, n_done, steps = n_images + len(support_idx) + len(query_idx), n_done + 1, steps + 1
-        n_done = max(1, n_done)
-        val = evaluate_methods(model, target, phi, data, data["splits"]["val"], args, device, ("mabn",))["mabn"]
-        metric = val[data["val_metric"]]
-        if metric > best[0] or best[1] is None:
-            best = (metric, {k: v.detach().clone() for k, v in phi.items()})  # only phi changes in stage 2
-        log(f"stage 2 epoch {epoch + 1}/{args.meta_epochs}: meta {sums[0] / n_done:.4f} (main "
-            f"{sums[1] / n_done:.4f} aux {sums[2] / n_done:.4f}) | {n_images / (time.time() - t0):.0f} img/s"
-            f" | val mabn {data['val_metric']} {metric:.4f}")
-        if epoch + 1 < args.meta_epochs:
-            save_atomic(dict(done=False, epoch=epoch, steps=steps, model=model.state_dict(), opt=opt.state_dict(),
-                             gen=gen.get_state(), episode_gen=episode_gen.get_state(), best_metric=best[0],
-                             best=best[1], flags=stage_flags(args, 2)), path)
-    if best[1] is not None:
-        model.load_state_dict(best[1], strict=False)
-    save_atomic(dict(done=True, steps=steps, model=model.state_dict(), flags=stage_flags(args, 2)), path)
-    return steps
+        return episodes(train, args.n_support, args.n_query, n_episodes, episode_gen)
+
+    def step(episode):
+        _, support_idx, query_idx = episode
+        support_x = collate_xy([train.dataset[i] for i in support_idx])[0].to(device)  # (S, C, H, W), no labels
+        query_x, query_y = (t.to(device) for t in collate_xy([train.dataset[i] for i in query_idx]))  # (Q, ...)
+        loss, loss_main, loss_aux = meta_loss(model, phi, frozen, target, support_x, query_x, query_y, augment_fn,
+                                              args, data["task"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # Eq. (4): gradient w.r.t. the ORIGINAL phi, through the inner step
+        opt.step()
+        return {"meta": loss, "main": loss_main, "aux": loss_aux}, len(support_idx) + len(query_idx)
+
+    return fit(2, model, target, opt, [gen, episode_gen], epoch_batches, step, args.meta_epochs, "mabn", data, args,
+               device, log)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# main: data -> stage 1 -> stage 2 -> stage 3 on every target domain -> table and results.json
+# main: per seed, data -> stage 1 -> stage 2 -> stage 3 on every target domain; then a table over seeds
 # ----------------------------------------------------------------------------------------------------------
+def run_seed(args, data, device, log):
+    """The whole pipeline for args.seed, in args.out_dir. -> its results (also written to results.json)."""
+    torch.manual_seed(args.seed)
+    timings, t0 = {}, time.time()
+    backbone, feat_dim = build_backbone(args.backbone, data["in_channels"], args.pretrained, args.width)
+    model = MABNNet(backbone, feat_dim, data["n_outputs"], args.proj_hidden, args.proj_dim, data["norm"]).to(device)
+    target = make_target(model)
+    steps = {"stage1": train_joint(model, target, data, args, device, log)}
+    timings["stage1_s"], t0 = time.time() - t0, time.time()
+    stage1_phi = {k: v.detach().clone() for k, v in split_params(model)[0].items()}
+    steps["stage2"] = train_meta(model, target, data, args, device, log)
+    timings["stage2_s"], t0 = time.time() - t0, time.time()
+
+    # Stage 3: every target domain adapted from the same meta-learned phi, then predicted; the baselines too.
+    splits, methods = data["splits"], [m for m in args.methods if m != "no_meta"]
+    target_results = evaluate_methods(model, target, split_params(model)[0], data, splits["test"], args, device,
+                                      methods, log=log)
+    target_results["stage1"] = evaluate_methods(model, target, stage1_phi, data, splits["test"], args, device,
+                                                ("none",), log=log)["none"]
+    if "no_meta" in args.methods:  # Fig. 5: the stage-1 model adapted directly, without meta-auxiliary training
+        for k in args.no_meta_n_adapt or [args.n_adapt]:
+            target_results[f"no_meta@{k}"] = evaluate_methods(model, target, stage1_phi, data, splits["test"], args,
+                                                              device, ("mabn",), n_adapt=k, log=log)["mabn"]
+    results = {"target": target_results}
+    if "id_test" in splits:  # the stage-1 model on held-out images of the source domains: the size of the shift
+        results["source_heldout"] = evaluate_methods(model, target, stage1_phi, data, splits["id_test"], args,
+                                                     device, ("none",), log=log)["none"]
+    timings["stage3_s"] = time.time() - t0
+    out = dict(flags=vars(args), seed=args.seed, device=str(device), steps=steps, time_s=timings, **results)
+    save_atomic(out, os.path.join(args.out_dir, "results.json"))
+    return out
+
+
+def summarize(per_seed):
+    """{method: {metric: (mean, std over seeds)}} for the target split (and the source held-out images)."""
+    rows = {m: [r["target"][m] for r in per_seed] for m in per_seed[0]["target"]}
+    if "source_heldout" in per_seed[0]:
+        rows["stage1 (source id_test)"] = [r["source_heldout"] for r in per_seed]
+    return {m: {k: (torch.tensor([r[k] for r in rs]).mean().item(),
+                    torch.tensor([r[k] for r in rs]).std().item() if len(rs) > 1 else 0.0)
+                for k in rs[0] if k != "per_domain"} for m, rs in rows.items()}
+
+
 def main(args, data=None):
-    """Run the three stages; `data` (as load_data returns it) replaces the --dataset's data when given."""
+    """Run every seed of args.seeds (each in <out_dir>/seed<k>/, reusing finished stages) and print one table
+    method x metric, mean +- std over seeds. `data` (as load_data returns it) replaces --dataset's data."""
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     try:
@@ -778,43 +917,27 @@ def main(args, data=None):
         log_file.write(msg + "\n"), log_file.flush()
 
     log("flags: " + json.dumps({**vars(args), "device": str(device)}, sort_keys=True))
-    torch.manual_seed(args.seed)
-    timings, t0 = {}, time.time()
+    t0 = time.time()
     data = load_data(args) if data is None else data
     for name, split in data["splits"].items():
         log(f"data: {name}: {len(split.domains)} images, {len(torch.unique(split.domains))} domains")
-    timings["data_s"], t0 = time.time() - t0, time.time()
+    log(f"data: ready in {time.time() - t0:.1f} s")
+    per_seed = []
+    for seed in args.seeds:
+        seed_args = copy.copy(args)
+        seed_args.seed, seed_args.out_dir = seed, os.path.join(args.out_dir, f"seed{seed}")
+        os.makedirs(seed_args.out_dir, exist_ok=True)
+        per_seed.append(run_seed(seed_args, data, device, log))
+        log("seed {}: time {}".format(seed, ", ".join(f"{k} {v:.1f}" for k, v in per_seed[-1]["time_s"].items())))
 
-    backbone, feat_dim = build_backbone(args.backbone, data["in_channels"], args.pretrained, args.width)
-    model = MABNNet(backbone, feat_dim, data["n_outputs"], args.proj_hidden, args.proj_dim, data["norm"]).to(device)
-    target = make_target(model)
-    steps = {"stage1": train_joint(model, target, data, args, device, log)}
-    timings["stage1_s"], t0 = time.time() - t0, time.time()
-    stage1_phi = {k: v.detach().clone() for k, v in split_params(model)[0].items()}
-    steps["stage2"] = train_meta(model, target, data, args, device, log)
-    timings["stage2_s"], t0 = time.time() - t0, time.time()
-    meta_phi = split_params(model)[0]
-
-    # Stage 3: every target domain adapted from the same meta-learned phi, then predicted.
-    splits = data["splits"]
-    results = {"target": evaluate_methods(model, target, meta_phi, data, splits["test"], args, device)}
-    results["target"]["stage1"] = evaluate_methods(model, target, stage1_phi, data, splits["test"], args, device,
-                                                   ("none",))["none"]
-    if "id_test" in splits:  # the stage-1 model on held-out images of the source domains: the size of the shift
-        results["source_heldout"] = evaluate_methods(model, target, stage1_phi, data, splits["id_test"], args,
-                                                     device, ("none",))["none"]
-    timings["stage3_s"] = time.time() - t0
-
-    metric_names = [k for k in results["target"]["none"] if k != "per_domain"]
-    w = max(map(len, metric_names)) + 2
-    log(f"\n{'method':<16}" + "".join(f"{m:>{w}}" for m in metric_names) + "   (target domains, split 'test')")
-    for method, metrics in results["target"].items():
-        log(f"{method:<16}" + "".join(f"{metrics[m]:>{w}.4f}" for m in metric_names))
-    if "source_heldout" in results:
-        log(f"{'stage1 source':<16}" + "".join(f"{results['source_heldout'][m]:>{w}.4f}" for m in metric_names)
-            + "   (held-out images of the source domains, split 'id_test')")
-    log("time: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    out = dict(flags=vars(args), seed=args.seed, device=str(device), steps=steps, time_s=timings, **results)
+    summary = summarize(per_seed)
+    names = list(next(iter(summary.values())))
+    w = max(map(len, names)) + 10
+    log(f"\n{'method':<24}" + "".join(f"{n:>{w}}" for n in names) + f"   (target domains, split 'test', "
+        f"{len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''})")
+    for method, metrics in summary.items():
+        log(f"{method:<24}" + "".join(f"{metrics[n][0]:>{w - 8}.4f} ± {metrics[n][1]:.3f}" for n in names))
+    out = dict(flags=vars(args), seeds=args.seeds, summary=summary, per_seed=per_seed)
     save_atomic(out, os.path.join(args.out_dir, "results.json"))
     log_file.close()
     return out

@@ -105,7 +105,7 @@ def test_stage2_changes_only_bn_affine(tmp_path):
     with torch.no_grad():
         model(torch.rand(16, 3, 8, 8), aux=True)  # running statistics away from their initial values
     before = snapshot(model)
-    steps = mabn.train_meta(model, target, data, args, torch.device("cpu"), log=lambda msg: None)
+    steps = mabn.train_meta(model, target, data, args, torch.device("cpu"), lambda msg: None)
     assert steps == 3
     affine = set(mabn.bn_affine_names(model))
     changed = {k for k, v in snapshot(model).items() if not torch.equal(v, before[k])}
@@ -233,15 +233,17 @@ def test_domains_adapt_independently():
 # 9. main() runs all three stages end to end and writes results.json
 def test_main_end_to_end(tmp_path):
     args = tiny_args(tmp_path)
-    out = mabn.main(args, make_synthetic())
-    saved = json.load(open(os.path.join(args.out_dir, "results.json")))
+    out = mabn.main(args, make_synthetic())["per_seed"][0]
+    saved = json.load(open(os.path.join(args.out_dir, "seed0", "results.json")))
     assert saved["steps"]["stage1"] > 0 and saved["steps"]["stage2"] > 0
     assert set(saved["target"]) >= {"none", "mabn"}
     assert len(saved["target"]["mabn"]["per_domain"]) == 3
     assert all(saved["time_s"][k] > 0 for k in ("stage1_s", "stage2_s", "stage3_s"))
     assert saved["target"]["mabn"]["acc_avg"] == out["target"]["mabn"]["acc_avg"]
+    summary = json.load(open(os.path.join(args.out_dir, "results.json")))["summary"]
+    assert summary["mabn"]["acc_avg"][0] == out["target"]["mabn"]["acc_avg"]
     # a rerun with the same out_dir skips both finished stages
-    again = mabn.main(tiny_args(tmp_path), make_synthetic())
+    again = mabn.main(tiny_args(tmp_path), make_synthetic())["per_seed"][0]
     assert again["target"]["mabn"]["acc_avg"] == out["target"]["mabn"]["acc_avg"]
     assert again["time_s"]["stage1_s"] < out["time_s"]["stage1_s"]
 
@@ -257,7 +259,7 @@ def test_mabn_beats_no_adaptation_on_gain_shift(tmp_path):
                             "10", "--batch_size", "16", "--n_support", "16", "--n_query", "16", "--n_adapt", "16",
                             "--inner_lr", "0.2", "--outer_lr", "0.015"])
     args.aug = dict(min_scale=0.7, max_rot=0.0, flip=True, jitter=0.0, noise=0.05)  # keep brightness: it is the label
-    target = mabn.main(args, data)["target"]
+    target = mabn.main(args, data)["per_seed"][0]["target"]
     assert target["mabn"]["acc_avg"] >= target["none"]["acc_avg"] + 0.03
 
 # ----------------------------------------------------------------------------------------------------------
@@ -381,7 +383,7 @@ def test_wilds_end_to_end(tmp_path, name):
                             "--n_query", "2", "--n_adapt", "2", "--eval_batch_size", "64", "--proj_hidden", "16",
                             "--proj_dim", "8"])
     mabn.main(args)
-    saved = json.load(open(tmp_path / "run" / "results.json"))
+    saved = json.load(open(tmp_path / "run" / "seed0" / "results.json"))
     for method in ("none", "mabn"):
         metrics = saved["target"][method]
         for key in OFFICIAL_METRICS[name]:
