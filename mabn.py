@@ -7,7 +7,7 @@ A single-file reference implementation. The method, in three lines:
   3. At test time, per target domain: one BYOL step on k unlabelled images, then predict the whole domain.
 
 Commands:
-  python mabn.py                                  # offline default benchmark (sklearn digits, 20 domains)
+  python mabn.py                                  # offline default benchmark (sklearn digits, 36 domains)
   python mabn.py --dataset iwildcam --root_dir DATA
   python -m pytest -q test_mabn.py
 """
@@ -30,7 +30,7 @@ from torch.func import functional_call
 # ----------------------------------------------------------------------------------------------------------
 RGB_AUG = dict(min_scale=0.6, max_rot=0.0, flip=True, jitter=0.4, noise=0.0)
 DATASETS = {
-    # Offline default: sklearn's bundled handwritten digits rendered by 20 "cameras" (see make_digits).
+    # Offline default: sklearn's bundled handwritten digits rendered by 36 "cameras" (see make_digits).
     "digits": dict(backbone="small_resnet", img_size=16, norm=((0.5,) * 3, (0.25,) * 3), pretrained=False,
                    val_metric="acc_avg", n_adapt=32, batch_size=64, lr=2e-3, weight_decay=0.0,
                    epochs=10, lr_decay_epoch=7, meta_epochs=6, n_support=32, n_query=32, inner_lr=0.2,
@@ -70,8 +70,13 @@ METHODS = ["none", "bn_stats", "tent", "mabn", "mabn_tent", "mabn_tent_affine", 
 TENT_OF = {"tent": "batch", "mabn_tent": "batch", "mabn_tent_affine": "source"}  # BN statistics TENT runs with
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: what is wrong and where to look
+        self.exit(2, f"error: {message} (see python mabn.py --help)\n")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="MABN: test-time domain adaptation through BN affine parameters.")
+    p = OneLineParser(description="MABN: test-time domain adaptation through BN affine parameters.")
     p.add_argument("--dataset", default="digits", choices=sorted(DATASETS))
     p.add_argument("--root_dir", default="data", help="where WILDS datasets live (ROOT/<name>_v<version>/)")
     p.add_argument("--download", action="store_true", help="let wilds download the dataset into --root_dir")
@@ -208,19 +213,6 @@ def make_digits(size=16, n_source=24, n_val=4, n_test=8, per_domain=150, seed=0)
     return {s: tuple(torch.cat(t) for t in ts) for s, ts in out.items()}
 
 
-class UInt8Images(torch.utils.data.Dataset):
-    """(uint8 images, labels) in memory -> (float image in [0, 1], label)."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return self.x[i].float() / 255.0, self.y[i]
-
-
 def install_torch_scatter_standin():
     """wilds' grouped metrics import torch_scatter only for a grouped mean; supply one when it is missing."""
     import importlib.util
@@ -267,7 +259,10 @@ def load_wilds(args):
     def get(**kw):
         try:
             return wilds.get_dataset(dataset=args.dataset, root_dir=args.root_dir, download=args.download, **kw)
-        except FileNotFoundError:
+        except FileNotFoundError as e:
+            if args.download:
+                sys.exit(f"error: --download of {args.dataset} into {os.path.abspath(args.root_dir)} did not produce "
+                         f"the data ({e.filename or e}); check the network, or fetch it by hand")
             sys.exit(f"error: no {args.dataset} data under {os.path.abspath(args.root_dir)} (wilds expects a folder "
                      f"{args.dataset}_v<version>/ with a RELEASE_v<version>.txt); download it there or pass --download")
         except (OSError, ValueError) as e:
@@ -300,7 +295,8 @@ def load_wilds(args):
         y_pred = outputs.argmax(-1) if task == "classification" else outputs.view(-1, 1)
         y_true = labels if task == "classification" else labels.view(-1, 1).float()
         official = dataset.eval(y_pred, y_true, metadata[split.name])[0]
-        return {**{k: float(v) for k, v in official.items()}, **per_domain_metric(outputs, labels, split.domains, task)}
+        per_domain = domain_metrics(outputs, labels, split.domains, task)["per_domain"]
+        return {**{k: float(v) for k, v in official.items()}, "per_domain": per_domain}
 
     norm = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}.get(args.norm, args.norm)
     return dict(splits=splits, n_outputs=1 if task == "regression" else dataset.n_classes, task=task,
@@ -314,26 +310,23 @@ def load_data(args):
     if args.dataset != "digits":
         return load_wilds(args)
     parts = make_digits(size=args.img_size)
-    splits = {s: Split(UInt8Images(x, y), dom, s) for s, (x, y, dom) in parts.items()}
+    splits = {s: Split(torch.utils.data.TensorDataset(x.float() / 255, y), dom, s) for s, (x, y, dom) in parts.items()}
     return dict(splits=splits, n_outputs=10, task="classification", in_channels=3, norm=args.norm,
-                val_metric="acc_avg",
-                evaluate=lambda split, outputs, labels: accuracy_metrics(outputs, labels, split.domains))
+                val_metric="acc_avg", evaluate=lambda split, outputs, labels: domain_metrics(outputs, labels,
+                                                                                            split.domains))
 
 
-def per_domain_metric(outputs, labels, domains, task):
-    """Accuracy (classification) or MSE (regression) of each domain: {"per_domain": {domain id: value}}."""
+def domain_metrics(outputs, labels, domains, task="classification"):
+    """Per-domain accuracy with its mean (acc_avg) and worst domain (acc_wg), as WILDS names them; for
+    regression, per-domain MSE. outputs (N, n_outputs), labels (N,), domains (N,)."""
     if task == "classification":
-        return {"per_domain": accuracy_metrics(outputs, labels, domains)["per_domain"]}
-    err = (outputs.view(-1) - labels.view(-1).float()) ** 2
-    return {"per_domain": {int(d): err[domains == d].mean().item() for d in torch.unique(domains)}}
-
-
-def accuracy_metrics(y_pred, y_true, domains):
-    """Average accuracy, per-domain accuracy and worst-domain accuracy (WILDS names: acc_avg, acc_wg)."""
-    correct = (y_pred.argmax(-1) if y_pred.dim() > 1 else y_pred) == y_true
-    per_domain = {int(d): correct[domains == d].float().mean().item() for d in torch.unique(domains)}
-    return {"acc_avg": correct.float().mean().item(), "acc_wg": min(per_domain.values()),
-            "per_domain": per_domain}
+        score = (outputs.argmax(-1) == labels).float()
+    else:
+        score = (outputs.view(-1) - labels.view(-1).float()) ** 2
+    per_domain = {int(d): score[domains == d].mean().item() for d in torch.unique(domains)}
+    if task != "classification":
+        return {"per_domain": per_domain}
+    return {"acc_avg": score.mean().item(), "acc_wg": min(per_domain.values()), "per_domain": per_domain}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -639,9 +632,10 @@ def evaluate_methods(model, target, phi, data, split, args, device, methods=("no
     params = {**frozen, **{k: v.detach() for k, v in phi.items()}}
     by_domain = split.domain_indices()
     supports = {d: support_set(split, idx, n_adapt).to(device) for d, idx in by_domain.items()}  # (k, C, H, W)
-    for d, idx in by_domain.items():
-        if len(idx) < n_adapt:
-            log(f"note: domain {d} of split '{split.name}' has {len(idx)} images < n_adapt={n_adapt}: all are used")
+    short = {d: len(idx) for d, idx in by_domain.items() if len(idx) < n_adapt}
+    if short and any(m not in ("none", "tent") for m in methods):
+        log(f"note: {len(short)} domains of split '{split.name}' have fewer than n_adapt={n_adapt} images "
+            f"(fewest: {min(short.values())}): they adapt on all they have")
     gen = torch.Generator(device).manual_seed(args.seed + 1)
     augment_fn = lambda x: augment(x, gen, **args.aug)  # noqa: E731
     if data["task"] != "classification" and any(m in TENT_OF for m in methods):
@@ -668,6 +662,8 @@ def evaluate_methods(model, target, phi, data, split, args, device, methods=("no
         outputs, labels = predict(model, params, split, overrides, device, args.eval_batch_size, args.num_workers,
                                   TENT_OF.get(method), args.tent_lr)
         results[method] = data["evaluate"](split, outputs, labels)
+        if short and method not in ("none", "tent"):
+            results[method]["short_domains"] = short  # {domain: images}, each adapted on all of its images
     return results
 
 
@@ -751,12 +747,12 @@ def fit(stage, model, target, opt, gens, epoch_batches, step, n_epochs, val_meth
         log(f"stage {stage} epoch {epoch + 1}/{n_epochs}: {means} | {n_images / (time.time() - t0):.0f} img/s | "
             f"val {val_method} {data['val_metric']} {metric:.4f}")
         if epoch + 1 < n_epochs:  # resumable from here; the last epoch is saved as the finished stage below
-            save_atomic(dict(done=False, epoch=epoch, steps=steps, model=model.state_dict(), target=target.state_dict(),
-                             opt=opt.state_dict(), gens=[g.get_state() for g in gens], best_metric=best[0],
-                             best=best[1], flags=stage_flags(args, stage)), path)
+            save_atomic(dict(done=False, stage=stage, epoch=epoch, steps=steps, model=model.state_dict(),
+                             target=target.state_dict(), opt=opt.state_dict(), gens=[g.get_state() for g in gens],
+                             best_metric=best[0], best=best[1], flags=stage_flags(args, stage)), path)
     if best[1] is not None:
         model.load_state_dict(best[1], strict=False)
-    save_atomic(dict(done=True, steps=steps, model=model.state_dict(), target=target.state_dict(),
+    save_atomic(dict(done=True, stage=stage, steps=steps, model=model.state_dict(), target=target.state_dict(),
                      flags=stage_flags(args, stage)), path)
     return steps
 
@@ -896,7 +892,7 @@ def summarize(per_seed):
         rows["stage1 (source id_test)"] = [r["source_heldout"] for r in per_seed]
     return {m: {k: (torch.tensor([r[k] for r in rs]).mean().item(),
                     torch.tensor([r[k] for r in rs]).std().item() if len(rs) > 1 else 0.0)
-                for k in rs[0] if k != "per_domain"} for m, rs in rows.items()}
+                for k in rs[0] if k not in ("per_domain", "short_domains")} for m, rs in rows.items()}
 
 
 def main(args, data=None):
@@ -932,11 +928,13 @@ def main(args, data=None):
 
     summary = summarize(per_seed)
     names = list(next(iter(summary.values())))
-    w = max(map(len, names)) + 10
+    many = len(args.seeds) > 1
+    w = max(map(len, names)) + (10 if many else 2)
+    cell = (lambda m, s: f"{m:.4f} ± {s:.3f}") if many else (lambda m, s: f"{m:.4f}")  # noqa: E731
     log(f"\n{'method':<24}" + "".join(f"{n:>{w}}" for n in names) + f"   (target domains, split 'test', "
-        f"{len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''})")
+        f"{len(args.seeds)} seed{'s' if many else ''}{': mean ± std' if many else ''})")
     for method, metrics in summary.items():
-        log(f"{method:<24}" + "".join(f"{metrics[n][0]:>{w - 8}.4f} ± {metrics[n][1]:.3f}" for n in names))
+        log(f"{method:<24}" + "".join(f"{cell(*metrics[n]):>{w}}" for n in names))
     out = dict(flags=vars(args), seeds=args.seeds, summary=summary, per_seed=per_seed)
     save_atomic(out, os.path.join(args.out_dir, "results.json"))
     log_file.close()

@@ -65,7 +65,7 @@ def make_synthetic(n_source=4, n_val=2, n_test=3, per_domain=24, size=8, n_class
     out = {s: mabn.Split(torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys)), torch.cat(ds), s)
            for s, (xs, ys, ds) in splits.items()}
     return dict(splits=out, n_outputs=n_classes, task="classification", in_channels=3, norm=NORM,
-                val_metric="acc_avg", evaluate=lambda split, p, t: mabn.accuracy_metrics(p, t, split.domains))
+                val_metric="acc_avg", evaluate=lambda split, p, t: mabn.domain_metrics(p, t, split.domains))
 
 
 def tiny_args(tmp_path, *extra):
@@ -249,6 +249,70 @@ def test_main_end_to_end(tmp_path):
 
 
 
+
+# Baselines and analyses (Tables 3-4, Fig. 5)
+def test_all_methods_run_and_share_support_sets(tmp_path, monkeypatch):
+    seen = {}
+    real_support_set = mabn.support_set
+
+    def recording_support_set(split, d_indices, n_adapt):
+        seen.setdefault((split.name, n_adapt, int(split.domains[d_indices[0]])), set()).add(tuple(d_indices[:n_adapt]))
+        return real_support_set(split, d_indices, n_adapt)
+
+    monkeypatch.setattr(mabn, "support_set", recording_support_set)
+    args = tiny_args(tmp_path, "--methods", *mabn.METHODS, "--no_meta_n_adapt", "4", "8", "--seeds", "0", "1")
+    out = mabn.main(args, make_synthetic())
+    for result in out["per_seed"]:
+        assert set(result["target"]) == set(mabn.METHODS) - {"no_meta"} | {"stage1", "no_meta@4", "no_meta@8"}
+        assert all(0 <= m["acc_avg"] <= 1 for m in result["target"].values())
+    assert all(len(index_sets) == 1 for index_sets in seen.values())  # one support set per domain and k
+    assert set(out["summary"]["mabn"]) == {"acc_avg", "acc_wg"} and out["summary"]["mabn"]["acc_avg"][1] >= 0
+
+
+def test_unmatched_shuffle_is_a_derangement():
+    gen = torch.Generator().manual_seed(0)
+    for n in range(2, 12):
+        for _ in range(20):
+            perm = mabn.derangement(n, gen)
+            assert sorted(perm) == list(range(n)) and all(p != i for i, p in enumerate(perm))
+
+
+def test_bn_stats_changes_only_running_statistics():
+    model, _ = trained_bn(*tiny_model())
+    phi, frozen = mabn.split_params(model)
+    support_x = torch.rand(8, 3, 8, 8) * 3
+    overrides = mabn.bn_stats_overrides(model, {**frozen, **phi}, support_x)
+    bn_names = [n for n, m in model.backbone.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert set(overrides) == {f"backbone.{n}.{b}" for n in bn_names for b in ("running_mean", "running_var")}
+    first_in = model.backbone[1][0](model.backbone[0](support_x))  # the first conv's output: (8, C, 8, 8)
+    assert torch.allclose(overrides["backbone.1.1.running_mean"], first_in.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(overrides["backbone.1.1.running_var"], first_in.var((0, 2, 3)), atol=1e-5)
+    assert not torch.allclose(overrides["backbone.1.1.running_mean"], frozen["backbone.1.1.running_mean"])
+
+
+def test_tent_updates_only_affine_with_batch_statistics():
+    model, _ = trained_bn(*tiny_model())
+    phi, frozen = mabn.split_params(model)
+    params = {**frozen, **phi}
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 3, 8, 8, generator=gen)
+    split = mabn.Split(torch.utils.data.TensorDataset(x, torch.zeros(8, dtype=torch.long)), torch.zeros(8), "test")
+    before = snapshot(model)
+    out, _ = mabn.predict(model, params, split, {}, torch.device("cpu"), 4, tent="batch", tent_lr=0.1)
+    # by hand: batch 1 predicted with batch statistics, one Adam step on the backbone affine, then batch 2
+    names = [f"backbone.{n}" for n in mabn.bn_affine_names(model.backbone)]
+    affine = {k: params[k].detach().clone().requires_grad_(True) for k in names}
+    opt = torch.optim.Adam(affine.values(), lr=0.1)
+    with mabn.bn_batch_stats(model):
+        first = functional_call(model, {**params, **affine}, (x[:4],))
+        mabn.entropy(first).mean().backward()
+        opt.step()
+        second = functional_call(model, {**params, **affine}, (x[4:],))
+    assert torch.allclose(out[:4], first.detach(), atol=1e-6) and torch.allclose(out[4:], second.detach(), atol=1e-6)
+    with torch.no_grad():
+        assert not torch.allclose(out[:4], functional_call(model, params, (x[:4],)), atol=1e-4)  # not stored stats
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+
 # 10. Learning: on a shift that BN affine can undo, the meta-learned adaptation beats no adaptation
 def test_mabn_beats_no_adaptation_on_gain_shift(tmp_path):
     """32 source domains, 6 unseen target domains, each with its own gain (see make_synthetic). For seeds 0-6 of
@@ -400,3 +464,100 @@ def test_wilds_missing_folder_is_one_clear_line(tmp_path, capsys):
     message = str(exit_info.value)
     assert message.startswith("error: no iwildcam data under") and "--download" in message
     assert str(tmp_path / "nowhere") in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input, interruptions and repeatability
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, needle", [
+    (["--dataset", "imagenet"], "--dataset"), (["--methods", "mabn", "magic"], "--methods"),
+    (["--lr", "0"], "--lr must be > 0"), (["--inner_lr", "-1"], "--inner_lr must be > 0"),
+    (["--outer_lr", "0"], "--outer_lr must be > 0"), (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--n_adapt", "0"], "--n_adapt must be > 0"), (["--batch_size", "0"], "--batch_size must be > 0"),
+    (["--ema", "1.5"], "--ema must be in [0, 1)")])
+def test_bad_flags_fail_with_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mabn.parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and needle in err and err.count("\n") == 1 and err.startswith("error:")
+
+
+def test_cuda_without_cuda_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        mabn.parse_args(["--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_unavailable_imagenet_weights_name_no_pretrained(monkeypatch):
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        mabn.build_backbone("resnet18_8ch", 8, pretrained=True)
+    assert "--no_pretrained" in str(exit_info.value) and "\n" not in str(exit_info.value)
+
+
+def test_unwritable_out_dir_and_bad_checkpoints(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        mabn.main(tiny_args(tmp_path, "--out_dir", str(tmp_path / "a_file" / "run")), make_synthetic())
+    assert "cannot write to --out_dir" in str(exit_info.value)
+    args = tiny_args(tmp_path)
+    mabn.main(args, make_synthetic())
+    ckpt = os.path.join(args.out_dir, "seed0", "stage1.pt")
+    with pytest.raises(SystemExit) as exit_info:  # same out_dir, other flags: refused, file and flag named
+        mabn.main(tiny_args(tmp_path, "--lr", "0.5"), make_synthetic())
+    assert ckpt in str(exit_info.value) and "lr: 0.002 in file vs 0.5 now" in str(exit_info.value)
+    data = open(ckpt, "rb").read()
+    open(ckpt, "wb").write(data[: len(data) // 2])  # truncated
+    with pytest.raises(SystemExit) as exit_info:
+        mabn.main(tiny_args(tmp_path), make_synthetic())
+    assert f"cannot read checkpoint {ckpt}" in str(exit_info.value)
+
+
+def test_non_finite_loss_stops_with_stage_and_step(tmp_path):
+    data = make_synthetic()
+    data["splits"]["train"].dataset.tensors[0][:] = float("nan")  # poisoned inputs
+    with pytest.raises(SystemExit) as exit_info:
+        mabn.main(tiny_args(tmp_path, "--batch_size", "64"), data)
+    assert "stage 1, epoch 1, step 1: non-finite loss" in str(exit_info.value)
+
+
+def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    mabn.save_atomic({"v": torch.ones(3)}, path)
+
+    def crashing_save(obj, f):
+        open(f, "wb").write(b"half a file")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        mabn.save_atomic({"v": torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
+
+
+def test_kill_and_resume_equals_uninterrupted_and_runs_repeat(tmp_path, monkeypatch):
+    data = make_synthetic()
+    full = mabn.main(tiny_args(tmp_path, "--out_dir", str(tmp_path / "full")), data)["per_seed"][0]
+    again = mabn.main(tiny_args(tmp_path, "--out_dir", str(tmp_path / "again")), data)["per_seed"][0]
+    assert again["target"] == full["target"]  # same seed, same numbers
+    for stage in (1, 2):  # die right after the first epoch's checkpoint of a stage, then rerun
+        real_save = mabn.save_atomic
+
+        def save_then_die(obj, path):
+            real_save(obj, path)
+            if isinstance(obj, dict) and obj.get("stage") == stage and not obj["done"]:
+                raise KeyboardInterrupt
+
+        out = str(tmp_path / f"killed{stage}")
+        monkeypatch.setattr(mabn, "save_atomic", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            mabn.main(tiny_args(tmp_path, "--out_dir", out), data)
+        monkeypatch.setattr(mabn, "save_atomic", real_save)
+        resumed = mabn.main(tiny_args(tmp_path, "--out_dir", out), data)["per_seed"][0]
+        assert resumed["target"] == full["target"] and resumed["steps"] == full["steps"]
