@@ -34,7 +34,7 @@ DATASETS = {
     "digits": dict(backbone="small_resnet", img_size=16, norm=((0.5,) * 3, (0.25,) * 3), pretrained=False,
                    val_metric="acc_avg", n_adapt=32, batch_size=64, lr=2e-3, weight_decay=0.0,
                    epochs=10, lr_decay_epoch=7, meta_epochs=6, n_support=32, n_query=32, inner_lr=0.2,
-                   outer_lr=1e-2, proj_hidden=256, proj_dim=64, eval_batch_size=256,
+                   outer_lr=1e-2, proj_hidden=256, proj_dim=64, eval_batch_size=50,
                    aug=dict(min_scale=0.7, max_rot=15.0, flip=False, jitter=0.4, noise=0.05)),
 }
 WILDS_COMMON = dict(proj_hidden=4096, proj_dim=256, meta_epochs=10, lr_decay_epoch=20, pretrained=True)
