@@ -92,7 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--no_meta_n_adapt", type=int, nargs="+", help="no_meta: the numbers of adaptation images")
     p.add_argument("--tent_lr", type=float, default=1e-3, help="TENT's Adam step on the BN affine per test batch")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--num_workers", type=int, help="DataLoader workers (default: 0 for digits, else up to 8)")
     p.add_argument("--max_steps", type=int, default=None, help="cap on the steps of each stage (smoke runs)")
     g = p.add_argument_group("stage 1: joint training (Eq. 2)")
     g.add_argument("--epochs", type=int)
@@ -124,6 +124,8 @@ def parse_args(argv=None):
     if args.out_dir is None:
         args.out_dir = os.path.join("runs", args.dataset)
     args.seeds = args.seeds or [args.seed]
+    if args.num_workers is None:  # decoding WILDS images needs workers; the in-memory digits do not
+        args.num_workers = 0 if args.dataset == "digits" else min(8, os.cpu_count() or 1)
     for key in ("lr", "inner_lr", "outer_lr", "tent_lr", "batch_size", "n_adapt", "n_support", "n_query",
                 "inner_steps", "eval_batch_size", "img_size", "width"):
         if getattr(args, key) <= 0:
@@ -832,18 +834,22 @@ def train_meta(model, target, data, args, device, log):
 
     def epoch_batches(epoch):
         model.eval(), target.eval()  # BN uses (and keeps) the source statistics from stage 1
-        return episodes(train, args.n_support, args.n_query, n_episodes, episode_gen)
+        plan = list(episodes(train, args.n_support, args.n_query, n_episodes, episode_gen))
+        loader = torch.utils.data.DataLoader(train.dataset, batch_sampler=[s + q for _, s, q in plan],
+                                             collate_fn=collate_xy, num_workers=args.num_workers,
+                                             pin_memory=device.type == "cuda")
+        return ((len(s), batch) for (_, s, _), batch in zip(plan, loader))
 
     def step(episode):
-        _, support_idx, query_idx = episode
-        support_x = collate_xy([train.dataset[i] for i in support_idx])[0].to(device)  # (S, C, H, W), no labels
-        query_x, query_y = (t.to(device) for t in collate_xy([train.dataset[i] for i in query_idx]))  # (Q, ...)
+        n_s, (x, y) = episode  # one domain: the first n_s images are the support set, the rest the query set
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        support_x, query_x, query_y = x[:n_s], x[n_s:], y[n_s:]  # (S, C, H, W) without labels, (Q, ...), (Q,)
         loss, loss_main, loss_aux = meta_loss(model, phi, frozen, target, support_x, query_x, query_y, augment_fn,
                                               args, data["task"])
         opt.zero_grad(set_to_none=True)
         loss.backward()  # Eq. (4): gradient w.r.t. the ORIGINAL phi, through the inner step
         opt.step()
-        return {"meta": loss, "main": loss_main, "aux": loss_aux}, len(support_idx) + len(query_idx)
+        return {"meta": loss, "main": loss_main, "aux": loss_aux}, len(x)
 
     return fit(2, model, target, opt, [gen, episode_gen], epoch_batches, step, args.meta_epochs, "mabn", data, args,
                device, log)

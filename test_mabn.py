@@ -445,8 +445,8 @@ def test_wilds_end_to_end(tmp_path, name):
                             str(tmp_path / "run"), "--no_pretrained", "--img_size", "32", "--epochs", "1",
                             "--meta_epochs", "1", "--max_steps", "2", "--batch_size", "4", "--n_support", "3",
                             "--n_query", "2", "--n_adapt", "2", "--eval_batch_size", "64", "--proj_hidden", "16",
-                            "--proj_dim", "8"])
-    mabn.main(args)
+                            "--proj_dim", "8", "--num_workers", "1" if name == "iwildcam" else "0"])
+    mabn.main(args)  # iwildcam also checks the DataLoader worker path
     saved = json.load(open(tmp_path / "run" / "seed0" / "results.json"))
     for method in ("none", "mabn"):
         metrics = saved["target"][method]
@@ -561,3 +561,14 @@ def test_kill_and_resume_equals_uninterrupted_and_runs_repeat(tmp_path, monkeypa
         monkeypatch.setattr(mabn, "save_atomic", real_save)
         resumed = mabn.main(tiny_args(tmp_path, "--out_dir", out), data)["per_seed"][0]
         assert resumed["target"] == full["target"] and resumed["steps"] == full["steps"]
+
+
+def test_small_target_domain_adapts_on_all_it_has_and_says_so_once(tmp_path):
+    data = make_synthetic(per_domain=6)
+    model, target = trained_bn(*tiny_model())
+    args = tiny_args(tmp_path, "--n_adapt", "10")
+    notes = []
+    results = mabn.evaluate_methods(model, target, mabn.split_params(model)[0], data, data["splits"]["test"], args,
+                                    torch.device("cpu"), ("none", "mabn"), log=notes.append)
+    assert len(notes) == 1 and "fewer than n_adapt=10" in notes[0]
+    assert results["mabn"]["short_domains"] == {6: 6, 7: 6, 8: 6} and "short_domains" not in results["none"]
