@@ -253,6 +253,11 @@ class WildsImages(torch.utils.data.Dataset):
 
 def load_wilds(args):
     """Train / OOD val / OOD test (/ ID test) splits of a WILDS dataset through wilds.get_dataset."""
+    import glob
+    missing = (f"error: no {args.dataset} data under {os.path.abspath(args.root_dir)} (wilds expects a folder "
+               f"{args.dataset}_v<version>/ with a RELEASE_v<version>.txt); download it there or pass --download")
+    if not args.download and not glob.glob(os.path.join(args.root_dir, f"{args.dataset}_v*", "RELEASE_v*.txt")):
+        sys.exit(missing)  # before the slow imports
     sys.modules.setdefault("outdated", None)  # wilds' background version check needs the network
     install_torch_scatter_standin()
     import wilds
@@ -265,8 +270,7 @@ def load_wilds(args):
             if args.download:
                 sys.exit(f"error: --download of {args.dataset} into {os.path.abspath(args.root_dir)} did not produce "
                          f"the data ({e.filename or e}); check the network, or fetch it by hand")
-            sys.exit(f"error: no {args.dataset} data under {os.path.abspath(args.root_dir)} (wilds expects a folder "
-                     f"{args.dataset}_v<version>/ with a RELEASE_v<version>.txt); download it there or pass --download")
+            sys.exit(missing)
         except (OSError, ValueError) as e:
             if args.download:
                 sys.exit(f"error: --download of {args.dataset} failed ({type(e).__name__}: {e}); fetch it by hand "
