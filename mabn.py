@@ -396,7 +396,7 @@ class BasicBlock(nn.Module):
 
 
 def small_resnet(in_channels=3, width=16):
-    """A ResNet-style CNN with BN for 32x32 inputs that trains on two CPU cores: (B, C, 32, 32) -> (B, 4*width)."""
+    """A ResNet-style CNN with BN for small inputs (16-32 px) that trains on two CPU cores: (B, C, H, W) -> (B, 4w)."""
     return nn.Sequential(
         nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
         BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 4 * width, 2),
@@ -588,7 +588,9 @@ def predict(model, params, split, overrides, device, batch_size, num_workers=0, 
                                          num_workers=num_workers, pin_memory=device.type == "cuda")
     affine_names = [f"backbone.{n}" for n in bn_affine_names(model.backbone)]  # TENT adapts the backbone's BN
     outputs, labels, order, current = [], [], [], None
-    for idx, (x, y) in zip(batches, loader):
+    from tqdm import tqdm
+    for idx, (x, y) in tqdm(zip(batches, loader), total=len(batches), desc=f"predict {split.name}", leave=False,
+                            disable=None):
         d = int(split.domains[idx[0]])
         if d != current:  # a new domain: its own parameters, and (TENT) a fresh optimiser from them
             current, domain_params = d, {**params, **overrides.get(d, {})}
@@ -732,9 +734,10 @@ def fit(stage, model, target, opt, gens, epoch_batches, step, n_epochs, val_meth
     start, steps, best = (0, 0, (-math.inf, None)) if ckpt is None else \
         (ckpt["epoch"] + 1, ckpt["steps"], (ckpt["best_metric"], ckpt["best"]))
     kept = set(bn_affine_names(model)) if stage == 2 else set(model.state_dict())  # what model selection keeps
+    from tqdm import tqdm  # comes with wilds; shown only on a terminal
     for epoch in range(start, n_epochs):
         t0, n_images, n_steps, sums = time.time(), 0, 0, None
-        for batch in epoch_batches(epoch):
+        for batch in tqdm(epoch_batches(epoch), desc=f"stage {stage} epoch {epoch + 1}", leave=False, disable=None):
             if args.max_steps is not None and steps >= args.max_steps:
                 break
             losses, n = step(batch)  # {name: scalar tensor}, images used
@@ -912,11 +915,9 @@ def main(args, data=None):
                           else "cpu")
     try:
         os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, ".write_test"), "w"):
-            pass
+        log_file = open(os.path.join(args.out_dir, "log.txt"), "a")
     except OSError as e:
         sys.exit(f"error: cannot write to --out_dir {args.out_dir} ({e.strerror}); pick a writable folder")
-    log_file = open(os.path.join(args.out_dir, "log.txt"), "a")
 
     def log(msg):
         print(msg, flush=True)
