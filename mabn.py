@@ -266,16 +266,10 @@ def load_wilds(args):
     def get(**kw):
         try:
             return wilds.get_dataset(dataset=args.dataset, root_dir=args.root_dir, download=args.download, **kw)
-        except FileNotFoundError as e:
-            if args.download:
-                sys.exit(f"error: --download of {args.dataset} into {os.path.abspath(args.root_dir)} did not produce "
-                         f"the data ({e.filename or e}); check the network, or fetch it by hand")
-            sys.exit(missing)
-        except (OSError, ValueError) as e:
-            if args.download:
-                sys.exit(f"error: --download of {args.dataset} failed ({type(e).__name__}: {e}); fetch it by hand "
-                         f"into {os.path.abspath(args.root_dir)}")
-            raise
+        except (OSError, ValueError) as e:  # a failed download, or a folder without the files wilds reads
+            what = "--download did not produce the data" if args.download else "the data there is incomplete"
+            sys.exit(f"error: {args.dataset} under {os.path.abspath(args.root_dir)}: {what} ({type(e).__name__}: "
+                     f"{e}); fetch it by hand into that folder")
 
     if args.dataset == "domainnet":  # leave one domain out: five wilds objects, one per source domain
         sources = [d for d in DOMAINNET_DOMAINS if d != args.target_domain]
@@ -879,19 +873,16 @@ def run_seed(args, data, device, log):
     timings["stage2_s"], t0 = time.time() - t0, time.time()
 
     # Stage 3: every target domain adapted from the same meta-learned phi, then predicted; the baselines too.
-    splits, methods = data["splits"], [m for m in args.methods if m != "no_meta"]
-    target_results = evaluate_methods(model, target, split_params(model)[0], data, splits["test"], args, device,
-                                      methods, log=log)
-    target_results["stage1"] = evaluate_methods(model, target, stage1_phi, data, splits["test"], args, device,
-                                                ("none",), log=log)["none"]
+    splits, meta_phi = data["splits"], split_params(model)[0]
+    evaluate = lambda phi, split, methods, **kw: evaluate_methods(  # noqa: E731
+        model, target, phi, data, splits[split], args, device, methods, log=log, **kw)
+    results = {"target": evaluate(meta_phi, "test", [m for m in args.methods if m != "no_meta"])}
+    results["target"]["stage1"] = evaluate(stage1_phi, "test", ("none",))["none"]
     if "no_meta" in args.methods:  # Fig. 5: the stage-1 model adapted directly, without meta-auxiliary training
         for k in args.no_meta_n_adapt or [args.n_adapt]:
-            target_results[f"no_meta@{k}"] = evaluate_methods(model, target, stage1_phi, data, splits["test"], args,
-                                                              device, ("mabn",), n_adapt=k, log=log)["mabn"]
-    results = {"target": target_results}
+            results["target"][f"no_meta@{k}"] = evaluate(stage1_phi, "test", ("mabn",), n_adapt=k)["mabn"]
     if "id_test" in splits:  # the stage-1 model on held-out images of the source domains: the size of the shift
-        results["source_heldout"] = evaluate_methods(model, target, stage1_phi, data, splits["id_test"], args,
-                                                     device, ("none",), log=log)["none"]
+        results["source_heldout"] = evaluate(stage1_phi, "id_test", ("none",))["none"]
     timings["stage3_s"] = time.time() - t0
     out = dict(flags=vars(args), seed=args.seed, device=str(device), steps=steps, time_s=timings, **results)
     save_atomic(out, os.path.join(args.out_dir, "results.json"))
