@@ -146,10 +146,9 @@ def parse_args(argv=None):
 class Split:
     def __init__(self, dataset, domains, name):
         self.dataset, self.domains, self.name = dataset, torch.as_tensor(domains), name
-
-    def domain_indices(self):
-        """{domain id: item indices of that domain, in index order}."""
-        return {int(d): torch.nonzero(self.domains == d).flatten().tolist() for d in torch.unique(self.domains)}
+        # {domain id: item indices of that domain, in index order}
+        self.by_domain = {int(d): torch.nonzero(self.domains == d).flatten().tolist()
+                          for d in torch.unique(self.domains)}
 
 
 def collate_xy(batch):
@@ -312,8 +311,8 @@ def load_data(args):
     parts = make_digits(size=args.img_size)
     splits = {s: Split(torch.utils.data.TensorDataset(x.float() / 255, y), dom, s) for s, (x, y, dom) in parts.items()}
     return dict(splits=splits, n_outputs=10, task="classification", in_channels=3, norm=args.norm,
-                val_metric="acc_avg", evaluate=lambda split, outputs, labels: domain_metrics(outputs, labels,
-                                                                                            split.domains))
+                val_metric=args.val_metric,
+                evaluate=lambda split, outputs, labels: domain_metrics(outputs, labels, split.domains))
 
 
 def domain_metrics(outputs, labels, domains, task="classification"):
@@ -576,8 +575,7 @@ def predict(model, params, split, overrides, device, batch_size, num_workers=0, 
     statistics) runs TENT: one entropy step on the BN affine per test batch, reset at each new domain.
     -> (outputs (N, n_outputs), labels (N,)) in the split's index order. Never runs the auxiliary branch.
     """
-    by_domain = split.domain_indices()
-    batches = [idx[i:i + batch_size] for idx in by_domain.values() for i in range(0, len(idx), batch_size)]
+    batches = [idx[i:i + batch_size] for idx in split.by_domain.values() for i in range(0, len(idx), batch_size)]
     loader = torch.utils.data.DataLoader(split.dataset, batch_sampler=batches, collate_fn=collate_xy,
                                          num_workers=num_workers, pin_memory=device.type == "cuda")
     affine_names = [f"backbone.{n}" for n in bn_affine_names(model.backbone)]  # TENT adapts the backbone's BN
@@ -632,10 +630,12 @@ def evaluate_methods(model, target, phi, data, split, args, device, methods=("no
     n_adapt = n_adapt or args.n_adapt
     frozen = split_params(model)[1]
     params = {**frozen, **{k: v.detach() for k, v in phi.items()}}
-    by_domain = split.domain_indices()
-    supports = {d: support_set(split, idx, n_adapt).to(device) for d, idx in by_domain.items()}  # (k, C, H, W)
+    by_domain = split.by_domain
+    uses_support = [m for m in methods if m not in ("none", "tent")]  # the rest adapt on the first n_adapt images
+    supports = {d: support_set(split, idx, n_adapt).to(device)  # {domain: (k, C, H, W)}
+                for d, idx in by_domain.items() if uses_support}
     short = {d: len(idx) for d, idx in by_domain.items() if len(idx) < n_adapt}
-    if short and any(m not in ("none", "tent") for m in methods):
+    if short and uses_support:
         log(f"note: {len(short)} domains of split '{split.name}' have fewer than n_adapt={n_adapt} images "
             f"(fewest: {min(short.values())}): they adapt on all they have")
     gen = torch.Generator(device).manual_seed(args.seed + 1)
@@ -664,7 +664,7 @@ def evaluate_methods(model, target, phi, data, split, args, device, methods=("no
         outputs, labels = predict(model, params, split, overrides, device, args.eval_batch_size, args.num_workers,
                                   TENT_OF.get(method), args.tent_lr)
         results[method] = data["evaluate"](split, outputs, labels)
-        if short and method not in ("none", "tent"):
+        if short and method in uses_support:
             results[method]["short_domains"] = short  # {domain: images}, each adapted on all of its images
     return results
 
@@ -807,7 +807,7 @@ def episodes(split, n_support, n_query, n_episodes, gen):
     Domains are drawn in proportion to their size; a domain smaller than n_support + n_query gives what it
     has, split in the same proportion (at least one image each; domains of a single image are skipped).
     """
-    by_domain = {d: torch.tensor(idx) for d, idx in split.domain_indices().items() if len(idx) >= 2}
+    by_domain = {d: torch.tensor(idx) for d, idx in split.by_domain.items() if len(idx) >= 2}
     domains = list(by_domain)
     sizes = torch.tensor([len(by_domain[d]) for d in domains], dtype=torch.float)
     for _ in range(n_episodes):
@@ -828,7 +828,7 @@ def train_meta(model, target, data, args, device, log):
     train = data["splits"]["train"]
     n_episodes = max(1, len(train.domains) // (args.n_support + args.n_query))  # an epoch sees ~every image once
     augment_fn = lambda x: augment(x, gen, **args.aug)  # noqa: E731
-    small = [d for d, idx in train.domain_indices().items() if len(idx) < args.n_support + args.n_query]
+    small = [d for d, idx in train.by_domain.items() if len(idx) < args.n_support + args.n_query]
     if small:
         log(f"note: {len(small)} source domains have fewer than n_support + n_query images: their episodes split "
             f"what they have in the same proportion (no image in both sets); single-image domains are skipped")

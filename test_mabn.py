@@ -209,7 +209,7 @@ def test_predict_never_runs_aux_branch():
     assert calls  # adaptation does use the auxiliary branch
     calls.clear()
     split = data["splits"]["test"]
-    out, labels = mabn.predict(model, {**frozen, **phi}, split, {d: adapted for d in split.domain_indices()},
+    out, labels = mabn.predict(model, {**frozen, **phi}, split, {d: adapted for d in split.by_domain},
                                torch.device("cpu"), args.eval_batch_size)
     assert out.shape == (len(split.domains), 3) and not calls
 
