@@ -10,10 +10,12 @@ Commands:
   python mabn.py                                  # offline default benchmark (sklearn digits, 36 domains)
   python mabn.py --dataset iwildcam --root_dir DATA
   python -m pytest -q test_mabn.py
+  python test_mabn.py --speed                     # GPU speed targets (a)-(d) of the README, on generated data
 """
 import argparse
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -92,7 +94,10 @@ def parse_args(argv=None):
     p.add_argument("--no_meta_n_adapt", type=int, nargs="+", help="no_meta: the numbers of adaptation images")
     p.add_argument("--tent_lr", type=float, default=1e-3, help="TENT's Adam step on the BN affine per test batch")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--num_workers", type=int, help="DataLoader workers (default: 0 for digits, else up to 8)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="bf16: forward passes under bf16 autocast "
+                   "(default on CUDA); fp32: no autocast (default on CPU)")
+    p.add_argument("--num_workers", type=int, help="DataLoader workers (default: 0 for digits, else one per core "
+                   "but one, up to 16)")
     p.add_argument("--max_steps", type=int, default=None, help="cap on the steps of each stage (smoke runs)")
     g = p.add_argument_group("stage 1: joint training (Eq. 2)")
     g.add_argument("--epochs", type=int)
@@ -125,7 +130,8 @@ def parse_args(argv=None):
         args.out_dir = os.path.join("runs", args.dataset)
     args.seeds = args.seeds or [args.seed]
     if args.num_workers is None:  # decoding WILDS images needs workers; the in-memory digits do not
-        args.num_workers = 0 if args.dataset == "digits" else min(8, os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        args.num_workers = 0 if args.dataset == "digits" else max(1, min(16, cores - 1))
     for key in ("lr", "inner_lr", "outer_lr", "tent_lr", "batch_size", "n_adapt", "n_support", "n_query",
                 "inner_steps", "eval_batch_size", "img_size", "width"):
         if getattr(args, key) <= 0:
@@ -137,6 +143,9 @@ def parse_args(argv=None):
         p.error(f"--ema must be in [0, 1), got {args.ema}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     return args
 
 
@@ -153,6 +162,18 @@ class Split:
 
 def collate_xy(batch):
     return torch.stack([b[0] for b in batch]), torch.stack([torch.as_tensor(b[1]) for b in batch])
+
+
+def make_loader(dataset, args, device, **kw):
+    """A DataLoader with the run's workers (kept alive across epochs) and pinned memory on CUDA."""
+    return torch.utils.data.DataLoader(dataset, collate_fn=collate_xy, num_workers=args.num_workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0, **kw)
+
+
+def to_device(x, device):
+    """A batch to the device without blocking the host; uint8 photos become floats in [0, 1] there."""
+    x = x.to(device, non_blocking=True)
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
 def make_digits(size=16, n_source=24, n_val=4, n_test=8, per_domain=150, seed=0):
@@ -230,8 +251,9 @@ def install_torch_scatter_standin():
 
 
 class WildsImages(torch.utils.data.Dataset):
-    """A WILDS subset -> (float tensor (C, img_size, img_size), label). Photos are resized and scaled to [0, 1];
-    arrays (PovertyMap) are resized only. Normalisation and augmentation happen in the model / on the device."""
+    """A WILDS subset -> (tensor (C, img_size, img_size), label). Photos are resized by PIL and stay uint8 (a
+    quarter of the bytes to copy; to_device scales them); arrays (PovertyMap) are resized floats.
+    Normalisation and augmentation happen on the device (Normalize, augment)."""
 
     def __init__(self, subset, img_size):
         self.subset, self.img_size = subset, img_size
@@ -241,10 +263,11 @@ class WildsImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         x, y, _ = self.subset[i]
-        if not torch.is_tensor(x):  # a PIL image
+        if not torch.is_tensor(x):  # a PIL image: bilinear resize with antialiasing, on uint8
+            from PIL import Image
             from torchvision.transforms.functional import pil_to_tensor
-            x = pil_to_tensor(x.convert("RGB")).float() / 255.0
-        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+            x = pil_to_tensor(x.convert("RGB").resize((self.img_size,) * 2, Image.BILINEAR, reducing_gap=3.0))
+        elif x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
             x = F.interpolate(x[None].float(), size=(self.img_size, self.img_size), mode="bilinear",
                               antialias=True, align_corners=False)[0]
         return x, y.view(-1)[0] if y.dim() else y
@@ -445,12 +468,26 @@ def make_target(model):
     return target.requires_grad_(False)
 
 
+def build_model(args, data, device):
+    """-> (MABNNet, its BYOL target) on device; channels_last on CUDA (NHWC convolutions run faster there)."""
+    backbone, feat_dim = build_backbone(args.backbone, data["in_channels"], args.pretrained, args.width)
+    model = MABNNet(backbone, feat_dim, data["n_outputs"], args.proj_hidden, args.proj_dim, data["norm"]).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model, make_target(model)
+
+
+def autocast(args):
+    """-> a context factory for forward passes: bf16 autocast under --precision bf16, else a no-op. Gradients
+    are always taken outside it (autograd then runs each op in the dtype its forward used)."""
+    return lambda: torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+
 @torch.no_grad()
 def ema_update(target, model, tau):
     """target <- tau * target + (1 - tau) * online, for every parameter of backbone + projector."""
     online = list(model.backbone.parameters()) + list(model.projector.parameters())
-    for t, o in zip(target.parameters(), online):
-        t.lerp_(o, 1 - tau)
+    torch._foreach_lerp_(list(target.parameters()), online, 1 - tau)  # one fused kernel, not one per tensor
 
 
 def bn_affine_names(model):
@@ -479,19 +516,22 @@ def main_loss(outputs, y, task):
     return F.cross_entropy(outputs, y) if task == "classification" else F.mse_loss(outputs.view(-1), y.float())
 
 
-def joint_losses(model, params, target, x, y, augment_fn, task="classification"):
+def joint_losses(model, params, target, x, y, augment_fn, task="classification", amp=contextlib.nullcontext):
     """L_main on x (skipped when y is None) and the symmetric BYOL loss on two augmented views of x.
 
     params=None calls the module as it is (stage 1); a {name: tensor} dict runs it functionally with those
-    tensors in place of its own (stages 2-3), so adapted parameters never touch the module.
+    tensors in place of its own (stages 2-3), so adapted parameters never touch the module. The forward passes
+    run under amp() (see autocast), the losses in the dtype of x.
     """
     B = x.shape[0]
     v1, v2 = augment_fn(x), augment_fn(x)
     inputs = torch.cat([v1, v2] if y is None else [x, v1, v2])  # (2B or 3B, C, H, W)
     run = model if params is None else (lambda *a, **k: functional_call(model, params, a, k))
-    outputs, predictions = run(inputs, aux=True)
-    with torch.no_grad():
-        z = target(torch.cat([v1, v2]))  # (2B, proj_dim), no gradient to the target network
+    with amp():
+        outputs, predictions = run(inputs, aux=True)
+        with torch.no_grad():
+            z = target(torch.cat([v1, v2]))  # (2B, proj_dim), no gradient to the target network
+    outputs, predictions, z = (t.to(x.dtype) for t in (outputs, predictions, z))  # bf16 -> the input's dtype
     p1, p2 = predictions[-2 * B:-B], predictions[-B:]
     aux = (byol_loss(p1, z[B:]) + byol_loss(p2, z[:B])).mean()  # view 1 predicts view 2 and vice versa
     main = main_loss(outputs[:B], y, task) if y is not None else torch.zeros((), device=x.device)
@@ -501,7 +541,8 @@ def joint_losses(model, params, target, x, y, augment_fn, task="classification")
 # ----------------------------------------------------------------------------------------------------------
 # The inner step (Eq. 3), shared by stage 2 (inside the meta-objective) and stage 3 (per-domain adaptation)
 # ----------------------------------------------------------------------------------------------------------
-def inner_step(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps=1, create_graph=True):
+def inner_step(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps=1, create_graph=True,
+               amp=contextlib.nullcontext):
     """Eq. (3): phi~ = phi - alpha * grad_phi L_aux(S; phi), repeated `steps` times. No labels are used.
 
     With create_graph=True the result stays differentiable w.r.t. phi through the gradient itself (second-order
@@ -509,20 +550,20 @@ def inner_step(model, phi, frozen, target, support_x, augment_fn, inner_lr, step
     """
     adapted = dict(phi)
     for _ in range(steps):
-        _, loss_aux = joint_losses(model, {**frozen, **adapted}, target, support_x, None, augment_fn)
+        _, loss_aux = joint_losses(model, {**frozen, **adapted}, target, support_x, None, augment_fn, amp=amp)
         grads = torch.autograd.grad(loss_aux, list(adapted.values()), create_graph=create_graph)
         adapted = {k: v - inner_lr * g for (k, v), g in zip(adapted.items(), grads)}
     return adapted
 
 
-def adapt_domain(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps):
+def adapt_domain(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps, amp=contextlib.nullcontext):
     """Adapt one domain (Alg. 1, line 12): Eq. (3) on its k unlabelled images (k, C, H, W), from phi.
 
     Pure: returns new {name: tensor} affine parameters; the module, phi and the target are left as they were.
     """
     phi = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
     with torch.enable_grad():
-        adapted = inner_step(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps, create_graph=False)
+        adapted = inner_step(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps, False, amp)
     return {k: v.detach() for k, v in adapted.items()}
 
 
@@ -536,7 +577,7 @@ def bn_batch_stats(model, record=None):
     names = {m: n for n, m in model.backbone.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
 
     def hook(mod, inputs, output):
-        x = inputs[0]
+        x = inputs[0].float()  # statistics in fp32, also under bf16 autocast
         dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
         mean, var = x.mean(dims), x.var(dims, unbiased=False)
         if record is not None:
@@ -567,42 +608,63 @@ def entropy(logits):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation: one loader over a split, batches grouped by domain; per-domain parameters swapped in functionally
+# Stage 3: one loader over a split, batches grouped by domain; adapt when the domain changes, then predict
 # ----------------------------------------------------------------------------------------------------------
-def predict(model, params, split, overrides, device, batch_size, num_workers=0, tent=None, tent_lr=1e-3):
-    """Predict every item of split, domain by domain; items of domain d use the tensors overrides[d] in place of
-    the model's own. tent="batch" (whole BN: batch statistics + affine) or "source" (affine only, stored
-    statistics) runs TENT: one entropy step on the BN affine per test batch, reset at each new domain.
-    -> (outputs (N, n_outputs), labels (N,)) in the split's index order. Never runs the auxiliary branch.
+def predict(model, target, phi, split, methods, args, device, n_adapt, augment_fn, adapted=None, swap=None):
+    """Predict every item of split with every method in ONE pass: one loader, batches grouped by domain, a domain's
+    first batch opening with its support set (its first n_adapt images in index order, Meta-DMoE's protocol).
+    When the domain changes, each method gets its parameters for the domain, all from phi and that support set:
+      none: phi | bn_stats: BN statistics re-estimated on the support set | tent: TENT per test batch (whole BN)
+      mabn: phi~ = adapt_domain(support set) | mabn_tent[_affine]: TENT from phi~, with batch [stored] statistics
+      mabn_unmatched: adapted[swap[d]], another domain's phi~ (adapted: {domain: phi~} computed beforehand).
+    TENT (Wang et al. 2021): one entropy step on the backbone's BN affine per test batch, after predicting with it.
+    -> {method: (outputs (N, n_outputs), labels (N,))} in the split's index order. Never runs the auxiliary branch.
     """
-    batches = [idx[i:i + batch_size] for idx in split.by_domain.values() for i in range(0, len(idx), batch_size)]
-    loader = torch.utils.data.DataLoader(split.dataset, batch_sampler=batches, collate_fn=collate_xy,
-                                         num_workers=num_workers, pin_memory=device.type == "cuda")
+    amp, frozen = autocast(args), split_params(model)[1]
+    params = {**frozen, **{k: v.detach() for k, v in phi.items()}}
+    first = max(args.eval_batch_size, n_adapt)  # a domain's first batch holds its whole support set
+    batches = [idx[a:b] for idx in split.by_domain.values()
+               for a, b in itertools.pairwise([0, *range(first, len(idx), args.eval_batch_size), len(idx)])]
     affine_names = [f"backbone.{n}" for n in bn_affine_names(model.backbone)]  # TENT adapts the backbone's BN
-    outputs, labels, order, current = [], [], [], None
+    outputs, labels, order, current = {m: [] for m in methods}, [], [], None
     from tqdm import tqdm
-    for idx, (x, y) in tqdm(zip(batches, loader), total=len(batches), desc=f"predict {split.name}", leave=False,
+    loader = make_loader(split.dataset, args, device, batch_sampler=batches)
+    benchmark = torch.backends.cudnn.benchmark  # batch sizes vary with the domains here: autotuning cuDNN for
+    torch.backends.cudnn.benchmark = False  # every new shape would cost more than it saves
+    for idx, (x, y) in tqdm(zip(batches, loader), total=len(batches), desc=f"stage 3 {split.name}", leave=False,
                             disable=None):
-        d = int(split.domains[idx[0]])
-        if d != current:  # a new domain: its own parameters, and (TENT) a fresh optimiser from them
-            current, domain_params = d, {**params, **overrides.get(d, {})}
-            if tent:
-                affine = {k: domain_params[k].detach().clone().requires_grad_(True) for k in affine_names}
-                opt = torch.optim.Adam(affine.values(), lr=tent_lr)
-        x = x.to(device, non_blocking=True)
-        if tent:
-            with torch.enable_grad(), (bn_batch_stats(model) if tent == "batch" else contextlib.nullcontext()):
-                out = functional_call(model, {**domain_params, **affine}, (x,))
-                opt.zero_grad(set_to_none=True)
-                entropy(out).mean().backward()  # TENT: predict with this forward, then update
-                opt.step()
-            out = out.detach()
-        else:
-            with torch.no_grad():
-                out = functional_call(model, domain_params, (x,))  # main branch only
-        outputs.append(out.float().cpu()), labels.append(y), order.extend(idx)
+        x, d = to_device(x, device), int(split.domains[idx[0]])
+        if d != current:  # a new domain: adapt on its support set (Alg. 1, line 12), set up every method
+            current, support_x, state = d, x[:n_adapt], {}  # (k, C, H, W)
+            if any(m in ("mabn", "mabn_tent", "mabn_tent_affine") for m in methods):
+                phi_d = adapted[d] if adapted else adapt_domain(model, phi, frozen, target, support_x, augment_fn,
+                                                                args.inner_lr, args.inner_steps, amp)
+            for m in methods:
+                if m == "bn_stats":
+                    p = {**params, **bn_stats_overrides(model, params, support_x)}
+                elif m == "mabn_unmatched":
+                    p = {**params, **adapted[swap[d]]}
+                else:
+                    p = {**params, **phi_d} if m.startswith("mabn") else params
+                affine = {k: p[k].detach().clone().requires_grad_(True) for k in affine_names} if m in TENT_OF else {}
+                state[m] = (p, affine, torch.optim.Adam(affine.values(), lr=args.tent_lr) if affine else None)
+        for m, (p, affine, opt) in state.items():
+            if opt is None:
+                with torch.no_grad(), amp():
+                    out = functional_call(model, p, (x,))  # main branch only
+            else:
+                batch_stats = bn_batch_stats(model) if TENT_OF[m] == "batch" else contextlib.nullcontext()
+                with torch.enable_grad(), batch_stats:
+                    with amp():
+                        out = functional_call(model, {**p, **affine}, (x,))
+                    opt.zero_grad(set_to_none=True)
+                    entropy(out.float()).mean().backward()  # TENT: predict with this forward, then update
+                    opt.step()
+            outputs[m].append(out.detach().float())  # stays on the device: no host sync per batch
+        labels.append(y), order.extend(idx)
+    torch.backends.cudnn.benchmark = benchmark
     inverse = torch.argsort(torch.tensor(order))
-    return torch.cat(outputs)[inverse], torch.cat(labels)[inverse]
+    return {m: (torch.cat(outs).cpu()[inverse], torch.cat(labels)[inverse]) for m, outs in outputs.items()}
 
 
 def support_set(split, d_indices, n_adapt):
@@ -620,49 +682,34 @@ def derangement(n, gen):
 
 def evaluate_methods(model, target, phi, data, split, args, device, methods=("none", "mabn"), n_adapt=None,
                      log=print):
-    """-> {method: metrics} on split, every domain starting from the affine phi and every method seeing the same
-    support set of a domain (its first n_adapt images):
-      none: phi as it is | bn_stats: BN statistics re-estimated on the support set | tent: TENT per test batch
-      mabn: phi adapted per domain (adapt_domain) | mabn_tent[_affine]: mabn, then TENT with batch statistics
-      [or with the stored ones] | mabn_unmatched: each domain predicted with ANOTHER domain's adapted phi.
-    """
+    """-> {method: metrics} on split (methods: see predict), every domain starting from the affine phi and every
+    method adapting on the same support set of a domain (its first n_adapt images)."""
     model.eval(), target.eval()
-    n_adapt = n_adapt or args.n_adapt
-    frozen = split_params(model)[1]
-    params = {**frozen, **{k: v.detach() for k, v in phi.items()}}
-    by_domain = split.by_domain
-    uses_support = [m for m in methods if m not in ("none", "tent")]  # the rest adapt on the first n_adapt images
-    supports = {d: support_set(split, idx, n_adapt).to(device)  # {domain: (k, C, H, W)}
-                for d, idx in by_domain.items() if uses_support}
+    n_adapt, by_domain = n_adapt or args.n_adapt, split.by_domain
+    if data["task"] != "classification" and any(m in TENT_OF for m in methods):
+        log("note: tent and mabn_tent* minimise prediction entropy, which regression does not have: skipped")
+        methods = [m for m in methods if m not in TENT_OF]
+    if "mabn_unmatched" in methods and len(by_domain) < 2:
+        log("note: mabn_unmatched needs two or more domains: skipped")
+        methods = [m for m in methods if m != "mabn_unmatched"]
+    uses_support = [m for m in methods if m not in ("none", "tent")]
     short = {d: len(idx) for d, idx in by_domain.items() if len(idx) < n_adapt}
     if short and uses_support:
         log(f"note: {len(short)} domains of split '{split.name}' have fewer than n_adapt={n_adapt} images "
             f"(fewest: {min(short.values())}): they adapt on all they have")
     gen = torch.Generator(device).manual_seed(args.seed + 1)
     augment_fn = lambda x: augment(x, gen, **args.aug)  # noqa: E731
-    if data["task"] != "classification" and any(m in TENT_OF for m in methods):
-        log("note: tent and mabn_tent* minimise prediction entropy, which regression does not have: skipped")
-        methods = [m for m in methods if m not in TENT_OF]
-    adapted = {}
-    if any(m.startswith("mabn") for m in methods):
-        adapted = {d: adapt_domain(model, phi, frozen, target, supports[d], augment_fn, args.inner_lr,
-                                   args.inner_steps) for d in by_domain}
+    adapted, swap = None, None
+    if "mabn_unmatched" in methods:  # every domain's phi~ is needed before the pass: adapt them all first
+        frozen = split_params(model)[1]
+        adapted = {d: adapt_domain(model, phi, frozen, target, to_device(support_set(split, idx, n_adapt), device),
+                                   augment_fn, args.inner_lr, args.inner_steps, autocast(args))
+                   for d, idx in by_domain.items()}
+        perm = derangement(len(by_domain), torch.Generator().manual_seed(args.seed))
+        swap = {d: list(by_domain)[j] for d, j in zip(by_domain, perm)}
     results = {}
-    for method in methods:
-        overrides = {}
-        if method == "bn_stats":
-            overrides = {d: bn_stats_overrides(model, params, supports[d]) for d in by_domain}
-        elif method.startswith("mabn") and method != "mabn_unmatched":
-            overrides = adapted
-        elif method == "mabn_unmatched" and len(adapted) >= 2:
-            domains = list(adapted)
-            perm = derangement(len(domains), torch.Generator().manual_seed(args.seed))
-            overrides = {d: adapted[domains[j]] for d, j in zip(domains, perm)}
-        elif method == "mabn_unmatched":
-            log("note: mabn_unmatched needs two or more domains: skipped")
-            continue
-        outputs, labels = predict(model, params, split, overrides, device, args.eval_batch_size, args.num_workers,
-                                  TENT_OF.get(method), args.tent_lr)
+    for method, (outputs, labels) in predict(model, target, phi, split, methods, args, device, n_adapt, augment_fn,
+                                             adapted, swap).items():
         results[method] = data["evaluate"](split, outputs, labels)
         if short and method in uses_support:
             results[method]["short_domains"] = short  # {domain: images}, each adapted on all of its images
@@ -710,17 +757,42 @@ def load_checkpoint(path, args, stage):
     return ckpt
 
 
+def peak_gib(device):
+    """Peak GPU memory allocated since the last reset, in GiB (None on the CPU)."""
+    return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None
+
+
+LOG_EVERY = 50  # steps between log points; between them the training loop never waits on the device
+
+
+def read_back(pending, sums, where, path):
+    """A log point: the losses of the pending steps [(step number, {name: scalar tensor})] come to the host in ONE
+    sync; a non-finite one stops the run; the rest are added to sums {name: float}. Empties pending."""
+    if not pending:
+        return
+    rows = torch.stack([torch.stack([v.float() for v in losses.values()]) for _, losses in pending]).tolist()
+    for (step_no, losses), row in zip(pending, rows):
+        if not all(math.isfinite(v) for v in row):
+            values = ", ".join(f"{k}={v}" for k, v in zip(losses, row))
+            sys.exit(f"error: {where}, step {step_no}: non-finite loss ({values}); the last good checkpoint is {path}; "
+                     f"lower the learning rate")
+        for k, v in zip(losses, row):
+            sums[k] = sums.get(k, 0.0) + v
+    pending.clear()
+
+
 def fit(stage, model, target, opt, gens, epoch_batches, step, n_epochs, val_method, data, args, device, log):
     """Run `step` over `epoch_batches(epoch)` for n_epochs; after each epoch score val_method on the validation
     domains, keep the best (model selection, WILDS' OOD validation), checkpoint atomically. Resumes an
-    interrupted stage from its last finished epoch; a finished stage is loaded, not rerun. -> steps taken."""
+    interrupted stage from its last finished epoch; a finished stage is loaded, not rerun.
+    -> {steps, img_per_s, peak_gib}: steps taken; speed and peak GPU memory of the epochs run now."""
     path = os.path.join(args.out_dir, f"stage{stage}.pt")
     ckpt = load_checkpoint(path, args, stage)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"]), target.load_state_dict(ckpt["target"])
         if ckpt["done"]:
             log(f"stage {stage}: loaded finished checkpoint {path}")
-            return ckpt["steps"]
+            return dict(steps=ckpt["steps"])
         opt.load_state_dict(ckpt["opt"])
         for g, state in zip(gens, ckpt["gens"]):
             g.set_state(state)
@@ -728,26 +800,36 @@ def fit(stage, model, target, opt, gens, epoch_batches, step, n_epochs, val_meth
     start, steps, best = (0, 0, (-math.inf, None)) if ckpt is None else \
         (ckpt["epoch"] + 1, ckpt["steps"], (ckpt["best_metric"], ckpt["best"]))
     kept = set(bn_affine_names(model)) if stage == 2 else set(model.state_dict())  # what model selection keeps
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    total_images, total_s = 0, 0.0
     from tqdm import tqdm  # comes with wilds; shown only on a terminal
     for epoch in range(start, n_epochs):
-        t0, n_images, n_steps, sums = time.time(), 0, 0, None
-        for batch in tqdm(epoch_batches(epoch), desc=f"stage {stage} epoch {epoch + 1}", leave=False, disable=None):
+        t0, n_images, n_steps, sums, pending = time.time(), 0, 0, {}, []
+        where = f"stage {stage}, epoch {epoch + 1}"
+        bar = tqdm(epoch_batches(epoch), desc=where, leave=False, disable=None)
+        for batch in bar:
             if args.max_steps is not None and steps >= args.max_steps:
                 break
-            losses, n = step(batch)  # {name: scalar tensor}, images used
-            if not all(torch.isfinite(v) for v in losses.values()):
-                sys.exit(f"error: stage {stage}, epoch {epoch + 1}, step {steps + 1}: non-finite loss "
-                         f"({', '.join(f'{k}={v.item()}' for k, v in losses.items())}); the last good checkpoint "
-                         f"is {path}; lower the learning rate")
-            sums = {k: v.detach() + (0 if sums is None else sums[k]) for k, v in losses.items()}
+            losses, n = step(batch)  # {name: scalar tensor, left on the device}, images used
             n_images, n_steps, steps = n_images + n, n_steps + 1, steps + 1
+            pending.append((steps, losses))
+            if len(pending) == LOG_EVERY:
+                read_back(pending, sums, where, path)
+                bar.set_postfix_str(" ".join(f"{k} {v / n_steps:.4f}" for k, v in sums.items()))
+        read_back(pending, sums, where, path)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the epoch's time includes its queued GPU work
+        seconds = time.time() - t0
+        total_images, total_s = total_images + n_images, total_s + seconds
         phi = split_params(model)[0]
         metric = evaluate_methods(model, target, phi, data, data["splits"]["val"], args, device, (val_method,),
                                   log=log)[val_method][data["val_metric"]]
         if best[1] is None or metric > best[0]:
             best = (metric, {k: v.detach().clone() for k, v in model.state_dict().items() if k in kept})
-        means = " ".join(f"{k} {v.item() / max(1, n_steps):.4f}" for k, v in (sums or {}).items())
-        log(f"stage {stage} epoch {epoch + 1}/{n_epochs}: {means} | {n_images / (time.time() - t0):.0f} img/s | "
+        means = " ".join(f"{k} {v / max(1, n_steps):.4f}" for k, v in sums.items())
+        memory = f" | peak {peak_gib(device):.1f} GiB" if device.type == "cuda" else ""
+        log(f"stage {stage} epoch {epoch + 1}/{n_epochs}: {means} | {n_images / seconds:.0f} img/s{memory} | "
             f"val {val_method} {data['val_metric']} {metric:.4f}")
         if epoch + 1 < n_epochs:  # resumable from here; the last epoch is saved as the finished stage below
             save_atomic(dict(done=False, stage=stage, epoch=epoch, steps=steps, model=model.state_dict(),
@@ -757,19 +839,33 @@ def fit(stage, model, target, opt, gens, epoch_batches, step, n_epochs, val_meth
         model.load_state_dict(best[1], strict=False)
     save_atomic(dict(done=True, stage=stage, steps=steps, model=model.state_dict(), target=target.state_dict(),
                      flags=stage_flags(args, stage)), path)
-    return steps
+    return dict(steps=steps, img_per_s=round(total_images / total_s, 1) if total_s else None,
+                peak_gib=peak_gib(device))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Stage 1: joint training of the whole network on all source domains mixed, L = L_main + lambda L_aux (Eq. 2).
 # ----------------------------------------------------------------------------------------------------------
+def joint_step(model, target, opt, x, y, augment_fn, aux_weight, ema, task="classification",
+               amp=contextlib.nullcontext):
+    """One step of Eq. (2) on a labelled batch x (B, C, H, W), y (B,), then the EMA update of the BYOL target.
+    -> (L_main, L_aux), detached, still on the device (reading them would wait for the step to finish)."""
+    loss_main, loss_aux = joint_losses(model, None, target, x, y, augment_fn, task, amp)
+    opt.zero_grad(set_to_none=True)
+    (loss_main + aux_weight * loss_aux).backward()  # Eq. (2)
+    opt.step()
+    ema_update(target, model, ema)
+    return loss_main.detach(), loss_aux.detach()
+
+
 def train_joint(model, target, data, args, device, log):
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    gen, loader_gen = torch.Generator(device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(data["splits"]["train"].dataset, batch_size=args.batch_size, shuffle=True,
-                                         drop_last=True, collate_fn=collate_xy, generator=loader_gen,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    augment_fn = lambda x: augment(x, gen, **args.aug)  # noqa: E731
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
+    gen, sampler_gen = torch.Generator(device).manual_seed(args.seed), torch.Generator().manual_seed(args.seed)
+    train = data["splits"]["train"].dataset
+    # The shuffle has its own generator, so a resumed run draws the same orders as an uninterrupted one.
+    loader = make_loader(train, args, device, batch_size=args.batch_size, drop_last=True,
+                         sampler=torch.utils.data.RandomSampler(train, generator=sampler_gen))
+    augment_fn, amp = (lambda x: augment(x, gen, **args.aug)), autocast(args)
 
     def epoch_batches(epoch):
         for group in opt.param_groups:  # the paper halves the LR after a fixed epoch
@@ -778,34 +874,51 @@ def train_joint(model, target, data, args, device, log):
         return loader
 
     def step(batch):
-        x, y = (t.to(device, non_blocking=True) for t in batch)
-        loss_main, loss_aux = joint_losses(model, None, target, x, y, augment_fn, data["task"])
-        opt.zero_grad(set_to_none=True)
-        (loss_main + args.aux_weight * loss_aux).backward()  # Eq. (2)
-        opt.step()
-        ema_update(target, model, args.ema)
+        x, y = to_device(batch[0], device), batch[1].to(device, non_blocking=True)
+        loss_main, loss_aux = joint_step(model, target, opt, x, y, augment_fn, args.aux_weight, args.ema,
+                                         data["task"], amp)
         return {"main": loss_main, "aux": loss_aux}, len(x)
 
-    return fit(1, model, target, opt, [gen, loader_gen], epoch_batches, step, args.epochs, "none", data, args,
+    return fit(1, model, target, opt, [gen, sampler_gen], epoch_batches, step, args.epochs, "none", data, args,
                device, log)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Stage 2: meta-auxiliary training of the BN affine parameters (Algorithm 1, Eq. 3-4).
 # ----------------------------------------------------------------------------------------------------------
-def meta_loss(model, phi, frozen, target, support_x, query_x, query_y, augment_fn, args, task="classification"):
+def meta_loss(model, phi, frozen, target, support_x, query_x, query_y, augment_fn, args, task="classification",
+              amp=contextlib.nullcontext):
     """Eq. (4) objective: L_main(Q; phi~) + lambda L_aux(Q; phi~), phi~ adapted on S. Differentiable in phi."""
     adapted = inner_step(model, phi, frozen, target, support_x, augment_fn, args.inner_lr, args.inner_steps,
-                         create_graph=not args.first_order)
-    loss_main, loss_aux = joint_losses(model, {**frozen, **adapted}, target, query_x, query_y, augment_fn, task)
+                         create_graph=not args.first_order, amp=amp)
+    loss_main, loss_aux = joint_losses(model, {**frozen, **adapted}, target, query_x, query_y, augment_fn, task,
+                                       amp)
     return loss_main + args.aux_weight * loss_aux, loss_main, loss_aux
+
+
+def meta_step(model, phi, frozen, target, opt, support_x, query_x, query_y, augment_fn, args,
+              task="classification", amp=contextlib.nullcontext):
+    """One outer step of Alg. 1 on one episode: Eq. (4) through the inner step, then opt (Adam, beta) on phi.
+    -> (meta loss, L_main, L_aux) on the query set, detached, still on the device."""
+    loss, loss_main, loss_aux = meta_loss(model, phi, frozen, target, support_x, query_x, query_y, augment_fn,
+                                          args, task, amp)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()  # Eq. (4): gradient w.r.t. the ORIGINAL phi, through the inner step
+    opt.step()
+    return loss.detach(), loss_main.detach(), loss_aux.detach()
+
+
+def n_support_of(n, n_support, n_query):
+    """How many of an episode's n images are its support set: n_support of a full episode, else in proportion
+    (at least one support and one query image)."""
+    return min(max(1, round(n * n_support / (n_support + n_query))), n - 1)
 
 
 def episodes(split, n_support, n_query, n_episodes, gen):
     """Yield (domain, support indices, query indices): one source domain per episode (a task), disjoint sets.
 
     Domains are drawn in proportion to their size; a domain smaller than n_support + n_query gives what it
-    has, split in the same proportion (at least one image each; domains of a single image are skipped).
+    has, split by n_support_of (domains of a single image are skipped).
     """
     by_domain = {d: torch.tensor(idx) for d, idx in split.by_domain.items() if len(idx) >= 2}
     domains = list(by_domain)
@@ -814,8 +927,22 @@ def episodes(split, n_support, n_query, n_episodes, gen):
         d = domains[int(torch.multinomial(sizes, 1, generator=gen))]
         idx = by_domain[d][torch.randperm(len(by_domain[d]), generator=gen)]
         n = min(len(idx), n_support + n_query)
-        n_s = min(max(1, round(n * n_support / (n_support + n_query))), n - 1)
+        n_s = n_support_of(n, n_support, n_query)
         yield d, idx[:n_s].tolist(), idx[n_s:n].tolist()
+
+
+class EpisodeSampler:
+    """Stage 2's batch sampler: every batch is one episode, its support indices then its query indices. Episodes
+    are drawn afresh at each pass, so one DataLoader (and its workers) serves every meta-epoch."""
+
+    def __init__(self, split, n_support, n_query, n_episodes, gen):
+        self.episode_args = (split, n_support, n_query, n_episodes, gen)
+
+    def __iter__(self):
+        return (support + query for _, support, query in episodes(*self.episode_args))
+
+    def __len__(self):
+        return self.episode_args[3]
 
 
 def train_meta(model, target, data, args, device, log):
@@ -823,11 +950,13 @@ def train_meta(model, target, data, args, device, log):
     model.requires_grad_(False)  # freeze every weight matrix; only phi (BN gamma, beta) learns
     for p in phi.values():
         p.requires_grad_(True)
-    opt = torch.optim.Adam(phi.values(), lr=args.outer_lr)
+    opt = torch.optim.Adam(phi.values(), lr=args.outer_lr, fused=device.type == "cuda")
     gen, episode_gen = torch.Generator(device).manual_seed(args.seed + 2), torch.Generator().manual_seed(args.seed + 2)
     train = data["splits"]["train"]
     n_episodes = max(1, len(train.domains) // (args.n_support + args.n_query))  # an epoch sees ~every image once
-    augment_fn = lambda x: augment(x, gen, **args.aug)  # noqa: E731
+    loader = make_loader(train.dataset, args, device,
+                         batch_sampler=EpisodeSampler(train, args.n_support, args.n_query, n_episodes, episode_gen))
+    augment_fn, amp = (lambda x: augment(x, gen, **args.aug)), autocast(args)
     small = [d for d, idx in train.by_domain.items() if len(idx) < args.n_support + args.n_query]
     if small:
         log(f"note: {len(small)} source domains have fewer than n_support + n_query images: their episodes split "
@@ -835,21 +964,14 @@ def train_meta(model, target, data, args, device, log):
 
     def epoch_batches(epoch):
         model.eval(), target.eval()  # BN uses (and keeps) the source statistics from stage 1
-        plan = list(episodes(train, args.n_support, args.n_query, n_episodes, episode_gen))
-        loader = torch.utils.data.DataLoader(train.dataset, batch_sampler=[s + q for _, s, q in plan],
-                                             collate_fn=collate_xy, num_workers=args.num_workers,
-                                             pin_memory=device.type == "cuda")
-        return ((len(s), batch) for (_, s, _), batch in zip(plan, loader))
+        return loader
 
-    def step(episode):
-        n_s, (x, y) = episode  # one domain: the first n_s images are the support set, the rest the query set
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    def step(episode):  # one domain: the first n_s images are the support set, the rest the query set
+        x, y = to_device(episode[0], device), episode[1].to(device, non_blocking=True)
+        n_s = n_support_of(len(x), args.n_support, args.n_query)
         support_x, query_x, query_y = x[:n_s], x[n_s:], y[n_s:]  # (S, C, H, W) without labels, (Q, ...), (Q,)
-        loss, loss_main, loss_aux = meta_loss(model, phi, frozen, target, support_x, query_x, query_y, augment_fn,
-                                              args, data["task"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # Eq. (4): gradient w.r.t. the ORIGINAL phi, through the inner step
-        opt.step()
+        loss, loss_main, loss_aux = meta_step(model, phi, frozen, target, opt, support_x, query_x, query_y,
+                                              augment_fn, args, data["task"], amp)
         return {"meta": loss, "main": loss_main, "aux": loss_aux}, len(x)
 
     return fit(2, model, target, opt, [gen, episode_gen], epoch_batches, step, args.meta_epochs, "mabn", data, args,
@@ -862,29 +984,33 @@ def train_meta(model, target, data, args, device, log):
 def run_seed(args, data, device, log):
     """The whole pipeline for args.seed, in args.out_dir. -> its results (also written to results.json)."""
     torch.manual_seed(args.seed)
-    timings, t0 = {}, time.time()
-    backbone, feat_dim = build_backbone(args.backbone, data["in_channels"], args.pretrained, args.width)
-    model = MABNNet(backbone, feat_dim, data["n_outputs"], args.proj_hidden, args.proj_dim, data["norm"]).to(device)
-    target = make_target(model)
-    steps = {"stage1": train_joint(model, target, data, args, device, log)}
-    timings["stage1_s"], t0 = time.time() - t0, time.time()
+    model, target = build_model(args, data, device)
+    t0 = time.time()
+    stages = {"stage1": train_joint(model, target, data, args, device, log)}
+    stages["stage1"]["time_s"], t0 = time.time() - t0, time.time()
     stage1_phi = {k: v.detach().clone() for k, v in split_params(model)[0].items()}
-    steps["stage2"] = train_meta(model, target, data, args, device, log)
-    timings["stage2_s"], t0 = time.time() - t0, time.time()
+    stages["stage2"] = train_meta(model, target, data, args, device, log)
+    stages["stage2"]["time_s"], t0 = time.time() - t0, time.time()
 
     # Stage 3: every target domain adapted from the same meta-learned phi, then predicted; the baselines too.
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     splits, meta_phi = data["splits"], split_params(model)[0]
     evaluate = lambda phi, split, methods, **kw: evaluate_methods(  # noqa: E731
         model, target, phi, data, splits[split], args, device, methods, log=log, **kw)
     results = {"target": evaluate(meta_phi, "test", [m for m in args.methods if m != "no_meta"])}
+    n_test, seconds = len(splits["test"].domains), time.time() - t0
+    stages["stage3"] = dict(img_per_s=round(n_test / seconds, 1), peak_gib=peak_gib(device))
+    log(f"stage 3: {n_test} target images, adapted and predicted by {len(results['target'])} methods in one pass: "
+        f"{n_test / seconds:.0f} img/s" + (f" | peak {peak_gib(device):.1f} GiB" if device.type == "cuda" else ""))
     results["target"]["stage1"] = evaluate(stage1_phi, "test", ("none",))["none"]
     if "no_meta" in args.methods:  # Fig. 5: the stage-1 model adapted directly, without meta-auxiliary training
         for k in args.no_meta_n_adapt or [args.n_adapt]:
             results["target"][f"no_meta@{k}"] = evaluate(stage1_phi, "test", ("mabn",), n_adapt=k)["mabn"]
     if "id_test" in splits:  # the stage-1 model on held-out images of the source domains: the size of the shift
         results["source_heldout"] = evaluate(stage1_phi, "id_test", ("none",))["none"]
-    timings["stage3_s"] = time.time() - t0
-    out = dict(flags=vars(args), seed=args.seed, device=str(device), steps=steps, time_s=timings, **results)
+    stages["stage3"]["time_s"] = time.time() - t0
+    out = dict(flags=vars(args), seed=args.seed, device=str(device), stages=stages, **results)
     save_atomic(out, os.path.join(args.out_dir, "results.json"))
     return out
 
@@ -902,8 +1028,8 @@ def summarize(per_seed):
 def main(args, data=None):
     """Run every seed of args.seeds (each in <out_dir>/seed<k>/, reusing finished stages) and print one table
     method x metric, mean +- std over seeds. `data` (as load_data returns it) replaces --dataset's data."""
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed training shapes: let cuDNN pick its fastest
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         log_file = open(os.path.join(args.out_dir, "log.txt"), "a")
@@ -914,7 +1040,7 @@ def main(args, data=None):
         print(msg, flush=True)
         log_file.write(msg + "\n"), log_file.flush()
 
-    log("flags: " + json.dumps({**vars(args), "device": str(device)}, sort_keys=True))
+    log("flags: " + json.dumps(vars(args), sort_keys=True))
     t0 = time.time()
     data = load_data(args) if data is None else data
     for name, split in data["splits"].items():
@@ -926,7 +1052,8 @@ def main(args, data=None):
         seed_args.seed, seed_args.out_dir = seed, os.path.join(args.out_dir, f"seed{seed}")
         os.makedirs(seed_args.out_dir, exist_ok=True)
         per_seed.append(run_seed(seed_args, data, device, log))
-        log("seed {}: time {}".format(seed, ", ".join(f"{k} {v:.1f}" for k, v in per_seed[-1]["time_s"].items())))
+        log(f"seed {seed}: " + ", ".join(f"{name} {s['time_s']:.1f} s" + (f" ({s['img_per_s']:.0f} img/s)"
+                                         if s.get("img_per_s") else "") for name, s in per_seed[-1]["stages"].items()))
 
     summary = summarize(per_seed)
     names = list(next(iter(summary.values())))
@@ -945,3 +1072,4 @@ def main(args, data=None):
 
 if __name__ == "__main__":
     main(parse_args())
+
