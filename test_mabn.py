@@ -554,7 +554,7 @@ def test_speed_script_runs_every_measurement():
     (["--lr", "0"], "--lr must be > 0"), (["--inner_lr", "-1"], "--inner_lr must be > 0"),
     (["--outer_lr", "0"], "--outer_lr must be > 0"), (["--epochs", "-1"], "--epochs must be >= 0"),
     (["--n_adapt", "0"], "--n_adapt must be > 0"), (["--batch_size", "0"], "--batch_size must be > 0"),
-    (["--ema", "1.5"], "--ema must be in [0, 1)")])
+    (["--ema", "1.5"], "--ema must be in [0, 1)"), (["--precision", "fp16"], "--precision")])
 def test_bad_flags_fail_with_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:
         mabn.parse_args(argv)
