@@ -477,10 +477,11 @@ def build_model(args, data, device):
     return model, make_target(model)
 
 
-def autocast(args):
-    """-> a context factory for forward passes: bf16 autocast under --precision bf16, else a no-op. Gradients
-    are always taken outside it (autograd then runs each op in the dtype its forward used)."""
-    return lambda: torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+def autocast(device_type, precision):
+    """-> a context factory for forward passes: bf16 autocast on device_type ("cuda", "cpu") when precision is
+    "bf16", else a no-op. Gradients are always taken outside it (autograd then runs each op in the dtype its
+    forward used)."""
+    return lambda: torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @torch.no_grad()
@@ -620,7 +621,7 @@ def predict(model, target, phi, split, methods, args, device, n_adapt, augment_f
     TENT (Wang et al. 2021): one entropy step on the backbone's BN affine per test batch, after predicting with it.
     -> {method: (outputs (N, n_outputs), labels (N,))} in the split's index order. Never runs the auxiliary branch.
     """
-    amp, frozen = autocast(args), split_params(model)[1]
+    amp, frozen = autocast(args.device, args.precision), split_params(model)[1]
     params = {**frozen, **{k: v.detach() for k, v in phi.items()}}
     first = max(args.eval_batch_size, n_adapt)  # a domain's first batch holds its whole support set
     batches = [idx[a:b] for idx in split.by_domain.values()
@@ -703,7 +704,7 @@ def evaluate_methods(model, target, phi, data, split, args, device, methods=("no
     if "mabn_unmatched" in methods:  # every domain's phi~ is needed before the pass: adapt them all first
         frozen = split_params(model)[1]
         adapted = {d: adapt_domain(model, phi, frozen, target, to_device(support_set(split, idx, n_adapt), device),
-                                   augment_fn, args.inner_lr, args.inner_steps, autocast(args))
+                                   augment_fn, args.inner_lr, args.inner_steps, autocast(args.device, args.precision))
                    for d, idx in by_domain.items()}
         perm = derangement(len(by_domain), torch.Generator().manual_seed(args.seed))
         swap = {d: list(by_domain)[j] for d, j in zip(by_domain, perm)}
@@ -865,7 +866,7 @@ def train_joint(model, target, data, args, device, log):
     # The shuffle has its own generator, so a resumed run draws the same orders as an uninterrupted one.
     loader = make_loader(train, args, device, batch_size=args.batch_size, drop_last=True,
                          sampler=torch.utils.data.RandomSampler(train, generator=sampler_gen))
-    augment_fn, amp = (lambda x: augment(x, gen, **args.aug)), autocast(args)
+    augment_fn, amp = (lambda x: augment(x, gen, **args.aug)), autocast(args.device, args.precision)
 
     def epoch_batches(epoch):
         for group in opt.param_groups:  # the paper halves the LR after a fixed epoch
@@ -956,7 +957,7 @@ def train_meta(model, target, data, args, device, log):
     n_episodes = max(1, len(train.domains) // (args.n_support + args.n_query))  # an epoch sees ~every image once
     loader = make_loader(train.dataset, args, device,
                          batch_sampler=EpisodeSampler(train, args.n_support, args.n_query, n_episodes, episode_gen))
-    augment_fn, amp = (lambda x: augment(x, gen, **args.aug)), autocast(args)
+    augment_fn, amp = (lambda x: augment(x, gen, **args.aug)), autocast(args.device, args.precision)
     small = [d for d, idx in train.by_domain.items() if len(idx) < args.n_support + args.n_query]
     if small:
         log(f"note: {len(small)} source domains have fewer than n_support + n_query images: their episodes split "
