@@ -18,9 +18,8 @@ torch only; (2) baselines and the paper's analyses (BN statistics, TENT, Tables 
 (digits, WILDS, augmentation); (4) loops (stage 3, checkpoints, stages 1-2); (5) flags with dataset defaults, main.
 """
 # ================================================== BEGIN METHOD ==================================================
-# All of MABN as one copyable block; it imports nothing but torch and the standard library. Every function is pure
-# in its arguments: adapted parameters are plain {name: tensor} dicts run through torch.func.functional_call, so
-# the module is never mutated. phi = the BN affine parameters (gamma, beta); frozen = every other tensor.
+# All of MABN as one copyable block, on torch alone. Every function is pure in its arguments: adapted parameters are
+# {name: tensor} dicts run through torch.func.functional_call. phi: the BN affine (gamma, beta); frozen: the rest.
 import copy
 
 import torch
@@ -79,8 +78,8 @@ def joint_losses(model, params, target, x, y, augment_fn, task="classification")
     outputs, predictions = functional_call(model, params or {}, (inputs,), {"aux": True})  # {}: the module's own
     with torch.no_grad():
         z = target(torch.cat([v1, v2]))  # (2B, proj_dim): the target network gets no gradient
-    p1, p2 = predictions[-2 * B:-B], predictions[-B:]
-    loss_aux = (byol_loss(p1, z[B:]) + byol_loss(p2, z[:B])).mean()  # view 1 predicts view 2's target, and back
+    p1, p2, z1, z2 = predictions[-2 * B:-B], predictions[-B:], z[:B], z[B:]  # (B, proj_dim) each
+    loss_aux = (byol_loss(p1, z2) + byol_loss(p2, z1)).mean()  # view 1 predicts view 2's target, and back
     loss_main = main_loss(outputs[:B], y, task) if y is not None else torch.zeros((), device=x.device)
     return loss_main, loss_aux
 
@@ -432,16 +431,14 @@ def evaluate(model, target, phis, data, split, rows, ks, args, device, log=print
     target.eval()
     names = {}  # {row name: (row, k)}; k is None for the rows that never see a support set
     for row in rows:  # (regression has no prediction entropy for TENT to minimise)
-        for k in ks if ROWS[row][1:] != ("source", None) else [None]:
+        for k in sorted(ks) if ROWS[row][1:] != ("source", None) else [None]:
             if data["task"] == "classification" or ROWS[row][2] not in ("tent", "mabn+tent"):
                 names[f"{row}@{k}" if k and len(ks) > 1 else row] = (row, k)
-    firsts = [idx[:max(ks)] for idx in split.by_domain.values()]
-    supports = {}  # {domain: its first max(ks) images}, on the host
-    if any(k for _, k in names.values()):
-        supports = {d: b[0] for d, b in zip(split.by_domain, make_loader(split.dataset, args, device,
-                                                                         batch_sampler=firsts))}
-        if min(map(len, firsts)) < max(ks):
-            log(f"note: '{split.name}' has domains of fewer than {max(ks)} images: they adapt on all they have")
+    firsts = [idx[:max(ks)] for idx in split.by_domain.values()]  # every domain's support sets, read once, on the host
+    loader = make_loader(split.dataset, args, device, batch_sampler=firsts)
+    supports = {d: batch[0] for d, batch in zip(split.by_domain, loader)} if any(k for _, k in names.values()) else {}
+    if supports and min(map(len, firsts)) < max(ks):
+        log(f"note: '{split.name}' has domains of fewer than {max(ks)} images: they adapt on all they have")
     domains = list(split.by_domain)
     swap = dict(zip(domains, domains[1:] + domains[:1]))  # Table 3: every domain paired with another (one: itself)
     frozen = split_params(model)[1]
@@ -450,9 +447,9 @@ def evaluate(model, target, phis, data, split, rows, ks, args, device, log=print
         params = {}
         for name, (row, k) in names.items():
             e = swap[d] if ROWS[row][2] == "unmatched" else d
-            gen = torch.Generator(device).manual_seed(1000 * args.seed + e + 1)
             support_x = to_device(supports[e][:k], device) if k else None
-            augment_fn = functools.partial(augment, gen=gen, **args.aug)
+            augment_fn = functools.partial(augment, gen=torch.Generator(device).manual_seed(1000 * args.seed + e + 1),
+                                           **args.aug)
             params[name] = row_params(row, model, target, phis, frozen, support_x, augment_fn, args)
         return params
     batches = [idx[a:a + args.eval_batch_size] for idx in split.by_domain.values()
@@ -523,10 +520,9 @@ def episodes(split, n_support, n_query, n_episodes, gen):
     return batches
 
 def train(stage, model, target, data, args, device, log):
-    """Stage 1 (Eq. 2): the whole network on all source domains mixed, Adam, the LR halved from --lr_decay_epoch on.
-    Stage 2 (Alg. 1): weights and BN statistics frozen (BN in eval mode), phi learnt by meta_step on 1-domain episodes.
-    Each epoch is scored on the validation domains (stage 2 with MABN's adaptation) and the best is kept; checkpoints
-    are atomic: an interrupted stage resumes after its last finished epoch, a finished one is loaded. -> {steps, ...}"""
+    """Stage 1 (Eq. 2): the whole network, all source domains mixed, Adam, the LR halved from --lr_decay_epoch. Stage 2
+    (Alg. 1): weights and BN statistics frozen, phi learnt by meta_step on one-domain episodes. Keeps the epoch best on
+    the validation domains; atomic checkpoints: resumes after the last finished epoch, loads a finished stage."""
     t_start, split, (phi, frozen) = time.time(), data["splits"]["train"], split_params(model)
     seed = args.seed + 2 * (stage - 1)  # the order of images has a generator of its own, so a resumed run draws the
     gens = [torch.Generator(device).manual_seed(seed), torch.Generator().manual_seed(seed)]  # orders a whole run would
@@ -572,16 +568,14 @@ def train(stage, model, target, data, args, device, log):
                 break
             x, y = to_device(batch[0], device), batch[1].to(device, non_blocking=True)
             if stage == 1:  # Eq. (2); the losses stay on the device
-                loss_main, loss_aux = joint_step(model, target, opt, x, y, augment_fn, args.aux_weight, args.ema,
-                                                 data["task"])
-                losses.append({"main": loss_main, "aux": loss_aux})
+                step_losses = joint_step(model, target, opt, x, y, augment_fn, args.aux_weight, args.ema, data["task"])
+                losses.append(dict(zip(("main", "aux"), step_losses)))
             else:  # Eq. (3)-(4) on an episode: the (unlabelled) support set, then the query set, split in proportion
                 n_s = min(max(1, round(len(x) * args.n_support / (args.n_support + args.n_query))), len(x) - 1)
-                loss, loss_main, loss_aux = meta_step(model, phi, frozen, target, opt, x[:n_s], x[n_s:], y[n_s:],
-                                                      augment_fn, inner_lr=args.inner_lr, aux_weight=args.aux_weight,
-                                                      inner_steps=args.inner_steps, first_order=args.first_order,
-                                                      task=data["task"])
-                losses.append({"meta": loss, "main": loss_main, "aux": loss_aux})
+                losses.append(dict(zip(("meta", "main", "aux"), meta_step(
+                    model, phi, frozen, target, opt, x[:n_s], x[n_s:], y[n_s:], augment_fn, inner_lr=args.inner_lr,
+                    aux_weight=args.aux_weight, inner_steps=args.inner_steps, first_order=args.first_order,
+                    task=data["task"]))))
             steps += 1
             n_images += len(x)
         means = mean_losses(losses, where, path) if losses else {}
@@ -610,25 +604,24 @@ def train(stage, model, target, data, args, device, log):
 
 # --- Flags with per-dataset defaults, and main ----------------------------------------------------------------------
 RGB_AUG = dict(min_scale=0.6, max_rot=0.0, flip=True, jitter=0.4, noise=0.0)
-WILDS_KEYS = ("backbone", "img_size", "domain_fields", "n_adapt", "batch_size", "lr", "weight_decay", "epochs",
-              "n_support", "n_query", "inner_lr", "outer_lr", "eval_batch_size", "val_metric")
+WILDS_KEYS = ("backbone", "img_size", "domain_fields", "n_adapt", "batch_size", "lr", "epochs", "n_support", "n_query",
+              "inner_lr", "outer_lr", "eval_batch_size", "val_metric")
 DATASETS = {name: dict(pretrained=True, norm="imagenet", proj_hidden=4096, proj_dim=256, lr_decay_epoch=20,
-                       meta_epochs=10, aug=RGB_AUG, **dict(zip(WILDS_KEYS, row))) for name, row in {
-    # METHOD.md's and Meta-DMoE's values; (*) marks ours where both papers are silent. Columns as WILDS_KEYS:
-    # backbone      size  domains             k  batch lr  weight decay epochs  S  Q  alpha beta eval  validation metric
-    "iwildcam": ("resnet50", 448, ["location"], 12, 16, 3e-5, 0.0, 12, 24, 16, 3e-4, 3e-5, 64, "F1-macro_all"),
-    "camelyon17": ("densenet121", 96, ["slide"], 32, 32, 1e-3, 1e-2, 5, 64, 32, 1e-3, 1e-4, 256, "acc_avg"),
-    "rxrx1": ("resnet50", 256, ["experiment"], 32, 75, 1e-4, 1e-5, 90, 75, 48, 1e-4, 1e-6, 150, "acc_avg"),
-    "fmow": ("densenet121", 224, ["region", "year"], 32, 64, 1e-4, 0, 20, 64, 48, 1e-4, 1e-5, 128, "acc_worst_region"),
-    "poverty": ("resnet18_8ch", 224, ["country"], 32, 64, 1e-3, 0.0, 50, 64, 48, 1e-3, 1e-4, 128, "r_wg"),  # (*)
-    "domainnet": ("resnet50", 224, ["domain"], 32, 32, 1e-4, 0.0, 10, 64, 48, 1e-4, 1e-5, 128, "acc_avg"),  # (*)
+                       weight_decay=0.0, meta_epochs=10, aug=RGB_AUG, **dict(zip(WILDS_KEYS, row))) for name, row in {
+    # METHOD.md's and Meta-DMoE's values, columns as WILDS_KEYS; (*) marks ours where both papers are silent
+    "iwildcam": ("resnet50", 448, ["location"], [12], 16, 3e-5, 12, 24, 16, 3e-4, 3e-5, 64, "F1-macro_all"),
+    "camelyon17": ("densenet121", 96, ["slide"], [32], 32, 1e-3, 5, 64, 32, 1e-3, 1e-4, 256, "acc_avg"),
+    "rxrx1": ("resnet50", 256, ["experiment"], [32], 75, 1e-4, 90, 75, 48, 1e-4, 1e-6, 150, "acc_avg"),
+    "fmow": ("densenet121", 224, ["region", "year"], [32], 64, 1e-4, 20, 64, 48, 1e-4, 1e-5, 128, "acc_worst_region"),
+    "poverty": ("resnet18_8ch", 224, ["country"], [32], 64, 1e-3, 50, 64, 48, 1e-3, 1e-4, 128, "r_wg"),  # (*)
+    "domainnet": ("resnet50", 224, ["domain"], [32], 32, 1e-4, 10, 64, 48, 1e-4, 1e-5, 128, "acc_avg"),  # (*)
 }.items()}
-DATASETS["camelyon17"]["aug"] = dict(RGB_AUG, min_scale=0.8, max_rot=180.0)  # (*) patches have no orientation
-DATASETS["rxrx1"].update(norm="per_image", aug=dict(RGB_AUG, min_scale=0.8, max_rot=180.0, jitter=0.2))  # (*)
+DATASETS["camelyon17"].update(weight_decay=1e-2, aug=dict(RGB_AUG, min_scale=0.8, max_rot=180.0))  # (*) any rotation
+DATASETS["rxrx1"].update(norm="per_image", weight_decay=1e-5, aug=dict(DATASETS["camelyon17"]["aug"], jitter=0.2))
 DATASETS["poverty"].update(norm=None, aug=dict(RGB_AUG, min_scale=0.8, max_rot=180.0, jitter=0.0, noise=0.02))  # (*)
 DATASETS["digits"] = dict(  # the offline default: sklearn's handwritten digits drawn by 36 "cameras" (make_digits)
     backbone="small_resnet", img_size=16, norm=((0.5,) * 3, (0.25,) * 3), pretrained=False, val_metric="acc_avg",
-    n_adapt=32, batch_size=64, lr=2e-3, weight_decay=0.0, epochs=10, lr_decay_epoch=7, meta_epochs=6, n_support=32,
+    n_adapt=[32], batch_size=64, lr=2e-3, weight_decay=0.0, epochs=10, lr_decay_epoch=7, meta_epochs=6, n_support=32,
     n_query=32, inner_lr=0.2, outer_lr=1e-2, proj_hidden=256, proj_dim=64, eval_batch_size=50,
     aug=dict(min_scale=0.7, max_rot=15.0, flip=False, jitter=0.4, noise=0.05))
 SHARED = dict(aux_weight=0.1, ema=0.99, inner_steps=1)
@@ -663,7 +656,6 @@ def parse_args(argv=None):
     for key, value in {**SHARED, **DATASETS[args.dataset]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.n_adapt = args.n_adapt if isinstance(args.n_adapt, list) else [args.n_adapt]
     checked = {**{k: getattr(args, k) for k in TUNED}, "n_adapt": min(args.n_adapt), "num_workers": args.num_workers}
     for name, value in checked.items():
         if value is not None and (value < 0 or (value == 0 and name not in MAY_BE_ZERO)):
@@ -697,8 +689,12 @@ def run_seed(args, data, device, log):
     save_atomic(out, os.path.join(args.out_dir, "results.json"))
     return out
 
-def summarize(per_seed, log):
-    """Print and return {row: {metric: (mean, std over seeds)}} on the target split, with each row's start and stats."""
+GRID = {"TENT": ("tent_bn", "tent_affine"), "MABN": ("mabn_bn", "mabn"),  # Table 4: rule x (update BN, affine)
+        "MABN+TENT": ("mabn_tent_bn", "mabn_tent_affine")}
+
+def summarize(per_seed, ks, log):
+    """Print and return {row: {metric: (mean, std over seeds)}} on the target split, with each row's start and stats;
+    then, when all its rows ran, Table 4's grid: adaptation rule x what BN updates, at each k."""
     rows = {name: [r["target"][name] for r in per_seed] for name in per_seed[0]["target"]}
     metrics = [k for k in per_seed[0]["target"][next(iter(rows))] if k != "per_domain"]
     many, width = len(per_seed) > 1, max(map(len, metrics)) + (10 if len(per_seed) > 1 else 2)
@@ -711,6 +707,12 @@ def summarize(per_seed, log):
         cells = [f"{mean:.4f} ± {std:.3f}" if many else f"{mean:.4f}" for mean, std in summary[name].values()]
         start, stats, _ = ROWS[name.split("@")[0]]
         log(f"{name:<24}{start:>7}{stats:>8}" + "".join(f"{c:>{width}}" for c in cells))
+    for k in sorted(ks):
+        cells = [[summary.get(row if len(ks) == 1 else f"{row}@{k}") for row in pair] for pair in GRID.values()]
+        if all(all(pair) for pair in cells):
+            log(f"\nTable 4 at k={k}, {metrics[0]}: {'update BN':>15}{'update affine':>18}")
+            for label, pair in zip(GRID, cells):
+                log(f"{label:<27}" + "".join(f"{cell[metrics[0]][0]:>{w}.4f}" for cell, w in zip(pair, (15, 18))))
     return summary
 
 def main(args, data=None):
@@ -739,7 +741,7 @@ def main(args, data=None):
         seed_args.seed, seed_args.out_dir = seed, os.path.join(args.out_dir, f"seed{seed}")
         os.makedirs(seed_args.out_dir, exist_ok=True)
         per_seed.append(run_seed(seed_args, data, device, log))
-    out = dict(flags=vars(args), seeds=args.seeds, summary=summarize(per_seed, log), per_seed=per_seed)
+    out = dict(flags=vars(args), seeds=args.seeds, summary=summarize(per_seed, args.n_adapt, log), per_seed=per_seed)
     save_atomic(out, os.path.join(args.out_dir, "results.json"))
     log_file.close()
     return out

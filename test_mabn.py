@@ -92,7 +92,8 @@ def flat_grad(loss, phi):
 def method_block():
     """The text between BEGIN METHOD and END METHOD, executed in a fresh namespace that holds only what it imports."""
     lines = open(mabn.__file__).read().splitlines()
-    marks = [i for i, line in enumerate(lines) if line.startswith("#") and ("BEGIN METHOD" in line or "END METHOD" in line)]
+    marks = [i for i, line in enumerate(lines) if line.startswith("#") and ("BEGIN METHOD" in line or
+                                                                             "END METHOD" in line)]
     assert len(marks) == 2, marks
     block = "\n".join(lines[marks[0] + 1:marks[1]])
     roots = {line.split()[1].split(".")[0] for line in block.splitlines() if line.startswith(("import ", "from "))}
@@ -152,7 +153,8 @@ def test_method_block_alone_steps_adapts_and_matches_the_pipeline(tmp_path, monk
     model, start, frozen, target, support_x, query_x, query_y, augment_fn, gen_state, kw, grads = recorded[0]
     phi = {k: v.clone().requires_grad_(True) for k, v in start.items()}
     gen = torch.Generator().set_state(gen_state)
-    copied_aug = functools.partial(mabn.augment, gen=gen, **{k: v for k, v in augment_fn.keywords.items() if k != "gen"})
+    aug_kw = {k: v for k, v in augment_fn.keywords.items() if k != "gen"}
+    copied_aug = functools.partial(mabn.augment, gen=gen, **aug_kw)
     loss = m["meta_loss"](model, phi, frozen, target, support_x, query_x, query_y, copied_aug, **kw)[0]
     assert kw["inner_lr"] == 0.5 and not kw["first_order"] and len(support_x) == 8 and len(query_x) == 8
     assert torch.allclose(flat_grad(loss, phi), torch.cat([grads[k].flatten() for k in phi]), atol=1e-6)
@@ -312,7 +314,8 @@ def test_every_row_runs_on_the_same_support_sets(tmp_path, monkeypatch):
 
     for name, position in (("adapt_domain", 4), ("reestimate_bn_stats", 2), ("tent_adapt", 3)):
         recording(name, position)
-    args = tiny_args(tmp_path, "--methods", "all", "--n_adapt", "8", "4", "--seeds", "0", "1")
+    args = tiny_args(tmp_path, "--methods", "all", "--n_adapt", "8", "4", "--seeds", "0", "1", "--epochs", "1",
+                     "--meta_epochs", "1")
     out = mabn.main(args, data)
     adapting = [r for r in mabn.ROWS if mabn.ROWS[r][1:] != ("source", None)]
     for result in out["per_seed"]:
@@ -392,6 +395,283 @@ def test_tent_is_entropy_sgd_on_the_backbone_affine():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The method's arithmetic against the paper's equations written out by hand (plain torch, no mabn loss function)
+# ----------------------------------------------------------------------------------------------------------
+def scripted(*views):
+    """An augment_fn that returns the given views in order: every view a test computes with is known."""
+    queue = list(views)
+    return lambda x: queue.pop(0)
+
+
+def by_hand(model, target, params, x, y, v1, v2):
+    """L_main on the clean images, and BYOL with view 1's prediction against view 2's target projection and back."""
+    def online(v):  # predictor(projector(backbone(v)))
+        return functional_call(model, params, (v,), {"aux": True})[1]
+
+    with torch.no_grad():
+        z1, z2 = target(v1), target(v2)
+    cos = torch.nn.functional.cosine_similarity
+    aux = ((2 - 2 * cos(online(v1), z2, dim=-1)) + (2 - 2 * cos(online(v2), z1, dim=-1))).mean()
+    main = torch.nn.functional.cross_entropy(functional_call(model, params, (x,)), y) if y is not None else None
+    return main, aux
+
+
+def episode(seed=0, n=6):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 8, 8, generator=gen)
+    return x, torch.randint(0, 3, (n,), generator=gen), x.flip(-1), 0.5 * x + 0.2 * torch.rand(x.shape, generator=gen)
+
+
+def test_eq2_losses_and_step_by_hand():
+    model, target = trained_bn(*tiny_model())
+    x, y, v1, v2 = episode()
+    main, aux = mabn.joint_losses(model, None, target, x, y, scripted(v1, v2))
+    hand_main, hand_aux = by_hand(model, target, {}, x, y, v1, v2)
+    assert torch.allclose(main, hand_main, atol=1e-6) and torch.allclose(aux, hand_aux, atol=1e-6)
+    params = dict(model.named_parameters())
+    g_main = torch.autograd.grad(hand_main, list(params.values()), allow_unused=True)
+    g_aux = torch.autograd.grad(by_hand(model, target, {}, x, y, v1, v2)[1], list(params.values()), allow_unused=True)
+    before = {k: v.detach().clone() for k, v in params.items()}
+    mabn.joint_step(model, target, torch.optim.SGD(model.parameters(), lr=0.1), x, y, scripted(v1, v2), aux_weight=0.3)
+    for (k, p), gm, ga in zip(params.items(), g_main, g_aux):  # Eq. (2): theta - lr (grad L_main + lambda grad L_aux)
+        expected = before[k] - 0.1 * ((gm if gm is not None else 0) + 0.3 * (ga if ga is not None else 0))
+        assert torch.allclose(p.detach(), expected, atol=1e-6), k
+    model, target = trained_bn(*tiny_model())  # the paper's defaults: lambda = 0.1, tau = 0.99
+    params, target_before = dict(model.named_parameters()), snapshot(target)
+    main, aux = by_hand(model, target, {}, x, y, v1, v2)
+    grads = torch.autograd.grad(main + 0.1 * aux, list(params.values()), allow_unused=True)
+    before = {k: v.detach().clone() for k, v in params.items()}
+    mabn.joint_step(model, target, torch.optim.SGD(model.parameters(), lr=0.1), x, y, scripted(v1, v2))
+    for (k, p), g in zip(params.items(), grads):
+        assert torch.allclose(p.detach(), before[k] - 0.1 * (g if g is not None else 0), atol=1e-6), k
+    online = dict(model.backbone.named_parameters(prefix="0"))
+    online.update(model.projector.named_parameters(prefix="1"))
+    for name, q in target.named_parameters():
+        assert torch.allclose(q, 0.99 * target_before[name] + 0.01 * online[name].detach(), atol=1e-6), name
+
+
+def test_eq3_inner_step_and_domain_adaptation_by_hand():
+    model, target = trained_bn(*tiny_model())
+    phi, frozen = mabn.split_params(model)
+    phi = {k: v.detach().clone().requires_grad_(True) for k, v in phi.items()}
+    s, _, v1, v2 = episode(1)
+    grads = torch.autograd.grad(by_hand(model, target, {**frozen, **phi}, s, None, v1, v2)[1], list(phi.values()))
+    expected = {k: v - 0.7 * g for (k, v), g in zip(phi.items(), grads)}  # Eq. (3): phi - alpha grad L_aux(S)
+    adapted = mabn.inner_step(model, phi, frozen, target, s, scripted(v1, v2), inner_lr=0.7)
+    assert all(torch.allclose(adapted[k], expected[k], atol=1e-6) for k in phi)
+    adapted = mabn.adapt_domain(model, phi, frozen, target, s, scripted(v1, v2), inner_lr=0.7)
+    assert all(torch.allclose(adapted[k], expected[k], atol=1e-6) for k in phi)
+    with torch.no_grad():  # Alg. 1 line 12: the main head with phi~ and the source statistics
+        hand = functional_call(model, {**frozen, **{k: v.detach() for k, v in expected.items()}}, (s,))
+    assert torch.allclose(mabn.predict(model, {**frozen, **adapted}, s), hand, atol=1e-6)
+
+
+def test_eq4_objective_gradient_and_meta_step_by_hand():
+    model, target = trained_bn(*tiny_model())
+    phi, frozen = mabn.split_params(model)
+    phi = {k: v.detach().clone().requires_grad_(True) for k, v in phi.items()}
+    s, _, sv1, sv2 = episode(1)
+    q, qy, qv1, qv2 = episode(2)
+
+    def objective(phi, steps=1, first_order=False, aux_weight=0.3):  # L_main(Q; phi~) + lambda L_aux(Q; phi~)
+        adapted = dict(phi)
+        for _ in range(steps):  # phi~ = phi - alpha grad L_aux(S; phi), a constant gradient when first order
+            aux_s = by_hand(model, target, {**frozen, **adapted}, s, None, sv1, sv2)[1]
+            grads = torch.autograd.grad(aux_s, list(adapted.values()), create_graph=not first_order)
+            adapted = {k: v - 0.7 * g for (k, v), g in zip(adapted.items(), grads)}
+        main_q, aux_q = by_hand(model, target, {**frozen, **adapted}, q, qy, qv1, qv2)
+        return main_q + aux_weight * aux_q
+
+    for steps, first_order in ((1, False), (2, False), (1, True)):
+        views = [sv1, sv2] * steps + [qv1, qv2]
+        loss = mabn.meta_loss(model, phi, frozen, target, s, q, qy, scripted(*views), inner_lr=0.7, aux_weight=0.3,
+                              inner_steps=steps, first_order=first_order)[0]
+        hand = objective(phi, steps, first_order)
+        assert torch.allclose(loss, hand, atol=1e-6)
+        assert torch.allclose(flat_grad(loss, phi), flat_grad(objective(phi, steps, first_order), phi), atol=1e-6)
+    default = mabn.meta_loss(model, phi, frozen, target, s, q, qy, scripted(sv1, sv2, qv1, qv2), inner_lr=0.7)[0]
+    assert torch.allclose(default, objective(phi, aux_weight=0.1), atol=1e-6)  # lambda = 0.1, the paper's
+    adapted = mabn.inner_step(model, phi, frozen, target, s, scripted(sv1, sv2), 0.7)  # second order by default
+    main_q, aux_q = by_hand(model, target, {**frozen, **adapted}, q, qy, qv1, qv2)
+    hand_grad = flat_grad(objective(phi), phi)
+    assert torch.allclose(flat_grad(main_q + 0.3 * aux_q, phi), hand_grad, atol=1e-6)
+    start = {k: v.detach().clone() for k, v in phi.items()}
+    mabn.meta_step(model, phi, frozen, target, torch.optim.SGD(phi.values(), lr=0.05), s, q, qy,
+                   scripted(sv1, sv2, qv1, qv2), inner_lr=0.7, aux_weight=0.3)
+    moved = torch.cat([(phi[k].detach() - start[k]).flatten() for k in phi])
+    assert torch.allclose(moved, -0.05 * hand_grad, atol=1e-6)  # Eq. (4): phi - beta d objective / d phi
+
+
+def test_regression_main_loss_by_hand():
+    """PovertyMap is a regression: L_main is the mean squared error of the single output wherever it is computed."""
+    model, target = trained_bn(*tiny_model(n_outputs=1))
+    x, labels, v1, v2 = episode()
+    y = torch.rand(6)
+    with torch.no_grad():
+        hand = ((model(x).view(-1) - y) ** 2).mean()
+        logits = torch.randn(6, 3)
+        cross_entropy = -logits.log_softmax(-1)[torch.arange(6), labels].mean()
+    assert torch.allclose(mabn.main_loss(model(x), y, "regression"), hand, atol=1e-6)
+    assert torch.allclose(mabn.main_loss(logits, labels), cross_entropy, atol=1e-6)  # classification by default
+    assert torch.allclose(mabn.joint_losses(model, None, target, x, y, scripted(v1, v2), "regression")[0], hand,
+                          atol=1e-6)
+    phi, frozen = mabn.split_params(model)
+    phi = {k: v.detach().clone().requires_grad_(True) for k, v in phi.items()}
+    query_main = mabn.meta_loss(model, phi, frozen, target, x, x, y, scripted(v1, v2, v1, v2), inner_lr=1e-9,
+                                task="regression")[1]  # phi~ = phi: the query's main loss is the MSE at phi
+    assert torch.allclose(query_main, hand, atol=1e-5)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(((model(x).view(-1) - y) ** 2).mean(), list(params.values()), allow_unused=True)
+    before = {k: v.detach().clone() for k, v in params.items()}
+    mabn.joint_step(model, target, torch.optim.SGD(model.parameters(), lr=0.1), x, y, scripted(v1, v2), 0.0, 0.9,
+                    "regression")
+    for (k, p), g in zip(params.items(), grads):
+        assert torch.allclose(p.detach(), before[k] - 0.1 * (g if g is not None else 0), atol=1e-6), k
+
+
+def test_model_pieces_are_the_papers():
+    """METHOD.md's model: BYOL's MLPs are Linear -> BN -> ReLU -> Linear, 4096 -> 256 wide by default; the target is
+    gradient-free; phi is the weight and the bias of every BatchNorm, and nothing else."""
+    assert [type(m) for m in mabn.mlp(4, 8, 2)] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = mabn.MABNNet(backbone, 4, 3)
+    widths = (model.projector[0].out_features, model.projector[3].out_features, model.predictor[3].out_features)
+    assert widths == (4096, 256, 256)
+    assert not any(p.requires_grad for p in mabn.make_target(model).parameters())
+    model, _ = tiny_model()
+    phi, frozen = mabn.split_params(model)
+    bns = [n for n, m in model.named_modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    assert set(phi) == {f"{n}.{p}" for n in bns for p in ("weight", "bias")} and len(bns) == 11
+    assert set(frozen) == set(model.state_dict()) - set(phi)
+    calls = []  # the inner step runs the online network on the two views only: 2k images, not 3k
+    model.backbone.register_forward_hook(lambda mod, inputs, out: calls.append(len(inputs[0])))
+    mabn.inner_step(model.eval(), phi, frozen, tiny_model()[1].eval(), torch.rand(5, 3, 8, 8), fixed_aug, 0.1)
+    assert calls == [10]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training schedule, model selection and resume, on a validation sequence under the test's control
+# ----------------------------------------------------------------------------------------------------------
+def test_stage1_learning_rate_halves_from_lr_decay_epoch(tmp_path, monkeypatch):
+    lrs = []
+    real_joint_step = mabn.joint_step
+
+    def recording(model, target, opt, *args):
+        lrs.append(opt.param_groups[0]["lr"])
+        return real_joint_step(model, target, opt, *args)
+
+    monkeypatch.setattr(mabn, "joint_step", recording)
+    args = tiny_args(tmp_path, "--epochs", "3", "--lr_decay_epoch", "1", "--lr", "0.004", "--meta_epochs", "0")
+    mabn.main(args, make_synthetic())
+    per_epoch = len(lrs) // 3
+    assert len(lrs) == 3 * per_epoch and set(lrs[:per_epoch]) == {0.004} and set(lrs[per_epoch:]) == {0.002}
+
+
+def scripted_validation(monkeypatch, scores, states, first_epoch=None):
+    """Stage s's epoch e scores scores[s][e] on the validation domains; the model's state then goes to states[s]."""
+    real_evaluate = mabn.evaluate
+    epoch = dict(first_epoch or {1: 0, 2: 0})
+
+    def evaluate(model, target, phis, data, split, rows, *args, **kw):
+        if split.name != "val":
+            return real_evaluate(model, target, phis, data, split, rows, *args, **kw)
+        stage = 1 if "stage1" in phis else 2
+        states[stage].append(snapshot(model))
+        epoch[stage] += 1
+        return {rows[0]: {"acc_avg": scores[stage][epoch[stage] - 1]}}
+
+    monkeypatch.setattr(mabn, "evaluate", evaluate)
+
+
+def final_checkpoints(out_dir):
+    return [torch.load(os.path.join(out_dir, "seed0", f"stage{s}.pt"), weights_only=True)["model"] for s in (1, 2)]
+
+
+def test_model_selection_keeps_the_best_epoch_and_resume_restores_it(tmp_path, monkeypatch):
+    data, scores = make_synthetic(), {1: [0.5, 0.9, 0.2], 2: [0.3, 0.8, 0.1]}
+    states = {1: [], 2: []}
+    scripted_validation(monkeypatch, scores, states)
+    args = tiny_args(tmp_path, "--epochs", "3", "--meta_epochs", "3", "--out_dir", str(tmp_path / "whole"))
+    mabn.main(args, data)
+    stage1, stage2 = final_checkpoints(args.out_dir)
+    assert all(torch.equal(stage1[k], states[1][1][k]) for k in stage1)  # epoch 2 of stage 1 scored best
+    phi_names = set(mabn.split_params(tiny_model()[0])[0])
+    assert all(torch.equal(stage2[k], states[2][1][k] if k in phi_names else stage1[k]) for k in stage2)
+    assert not all(torch.equal(stage1[k], states[1][2][k]) for k in stage1)  # the last epoch was not the best
+    for stage, killed_after in ((1, 2), (2, 2)):  # die after an epoch's checkpoint, rerun: the same final models
+        real_save, saves = mabn.save_atomic, []
+
+        def save_then_die(obj, path):
+            real_save(obj, path)
+            saves.append(obj.get("stage") if isinstance(obj, dict) else None)
+            if saves.count(stage) == killed_after and obj.get("done") is False:
+                raise KeyboardInterrupt
+
+        out = str(tmp_path / f"killed{stage}")
+        scripted_validation(monkeypatch, scores, {1: [], 2: []})
+        monkeypatch.setattr(mabn, "save_atomic", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            mabn.main(tiny_args(tmp_path, "--epochs", "3", "--meta_epochs", "3", "--out_dir", out), data)
+        monkeypatch.setattr(mabn, "save_atomic", real_save)
+        scripted_validation(monkeypatch, scores, {1: [], 2: []}, first_epoch={1: 2 if stage == 1 else 3, 2: 2 if
+                                                                                  stage == 2 else 0})
+        mabn.main(tiny_args(tmp_path, "--epochs", "3", "--meta_epochs", "3", "--out_dir", out), data)
+        for whole, resumed in zip((stage1, stage2), final_checkpoints(out)):
+            assert all(torch.equal(whole[k], resumed[k]) for k in whole), stage
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reported metrics and the rows of the analyses
+# ----------------------------------------------------------------------------------------------------------
+def test_domain_metrics_by_hand():
+    outputs = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0], [1.0, 0.0], [1.0, 2.0]])  # predicts 010101
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    domains = torch.tensor([7, 7, 7, 7, 9, 9])  # domain 7: 3 of 4 right; domain 9: 1 of 2
+    metrics = mabn.domain_metrics(outputs, labels, domains)
+    assert metrics == {"acc_avg": pytest.approx(4 / 6), "acc_wg": 0.5, "per_domain": {7: 0.75, 9: 0.5}}  # pooled
+    mse = mabn.domain_metrics(torch.tensor([[1.0], [2.0], [4.0]]), torch.tensor([1.0, 0.0, 1.0]),
+                              torch.tensor([0, 0, 3]), task="regression")
+    assert mse == {"per_domain": {0: 2.0, 3: 9.0}}
+
+
+# What the README says each row does: (starts from, BN statistics, rule); written here, not read from mabn.ROWS.
+README_ROWS = {"stage1": ("stage1", "source", None), "bn_stats": ("stage1", "support", None),
+               "tent_bn": ("stage1", "support", "tent"), "tent_affine": ("stage1", "source", "tent"),
+               "no_meta": ("stage1", "source", "mabn"), "none": ("meta", "source", None),
+               "mabn": ("meta", "source", "mabn"),
+               "mabn_bn": ("meta", "support", "mabn"), "mabn_tent_bn": ("meta", "support", "mabn+tent"),
+               "mabn_tent_affine": ("meta", "source", "mabn+tent"), "mabn_unmatched": ("meta", "source", "mabn")}
+
+
+@pytest.mark.parametrize("row", list(README_ROWS))
+def test_every_row_starts_and_adapts_as_the_readme_says(row):
+    model, target = trained_bn(*tiny_model())
+    phi, frozen = mabn.split_params(model)
+    gen = torch.Generator().manual_seed(3)
+    phis = {"stage1": {k: v + 0.2 * torch.randn(v.shape, generator=gen) for k, v in phi.items()}, "meta": phi}
+    support_x, args = 2 * torch.rand(6, 3, 8, 8, generator=gen), mabn.parse_args(["--inner_lr", "0.5"])
+    start, stats, rule = README_ROWS[row]
+    params = mabn.row_params(row, model, target, phis, frozen, support_x, fixed_aug, args)
+    assert set(mabn.ROWS) == set(README_ROWS)
+    # statistics: stage 1's, or the support set's (the first BN sees the first conv's output)
+    first_in = model.backbone[1][0](model.backbone[0](support_x))
+    source_mean = frozen["backbone.1.1.running_mean"]
+    expected_mean = source_mean if stats == "source" else first_in.mean((0, 2, 3))
+    assert torch.allclose(params["backbone.1.1.running_mean"], expected_mean, atol=1e-5)
+    stat_names = [k for k in frozen if k.endswith(("running_mean", "running_var"))]
+    stats_used = {**frozen, **{k: params[k] for k in stat_names}}
+    # the affine: from phis[start], adapted by the row's rule (mabn: Eq. 3; tent: entropy; mabn+tent: both)
+    expected = phis[start]
+    if rule in ("mabn", "mabn+tent"):  # (unmatched: MABN's step on the support set it is given, another domain's)
+        expected = mabn.adapt_domain(model, expected, stats_used, target, support_x, fixed_aug, 0.5)
+    if rule in ("tent", "mabn+tent"):
+        expected = mabn.tent_adapt(model, expected, stats_used, support_x, 0.5)
+    assert all(torch.equal(params[k], expected[k].detach()) for k in phi)
+    if rule is not None:  # and the rule did move it
+        assert not all(torch.equal(params[k], phis[start][k]) for k in phi)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # End to end, and learning
 # ----------------------------------------------------------------------------------------------------------
 def test_main_end_to_end(tmp_path):
@@ -412,22 +692,24 @@ def test_main_end_to_end(tmp_path):
 
 
 def test_mabn_beats_no_adaptation_on_gain_shift(tmp_path):
-    """32 source domains, 6 unseen target domains, each with its own gain (see make_synthetic). For seeds 0-6 of
-    this exact setting, mabn - none was +9.4, +22.4, +16.1, +3.6, +16.1, +18.2, +34.4 accuracy points; against the
-    stage-1 model (no meta-training, no adaptation) mabn won 6 of 7, so that is not asserted. One CPU thread: the
-    outcome of a seed changes with the summation order of other thread counts (with 2: -3.1 ... +30.7)."""
+    """32 source and 6 unseen target domains, each with its own gain (see make_synthetic), seeds 0, 1 and 2: MABN beats
+    the same meta-trained model without adaptation in every seed by 3 points or more, and by 5 or more on average.
+    Seeds 0-7 of this exact setting gave mabn - none = +13.5, +11.5, +26.0, +9.4, +7.8, +8.9, +14.6, +12.0 points
+    (any three of them: +8.7 on average at the least). One CPU thread: a seed's outcome changes with the summation
+    order that other thread counts bring."""
     data = make_synthetic(n_source=32, n_val=4, n_test=6, per_domain=32, gain=0.5)
-    args = mabn.parse_args(["--out_dir", str(tmp_path / "run"), "--seeds", "0", "--epochs", "5", "--meta_epochs",
-                            "10", "--batch_size", "16", "--n_support", "16", "--n_query", "16", "--n_adapt", "16",
-                            "--inner_lr", "0.2", "--outer_lr", "0.015"])
+    args = mabn.parse_args(["--out_dir", str(tmp_path / "run"), "--seeds", "0", "1", "2", "--epochs", "3",
+                            "--meta_epochs", "8", "--batch_size", "16", "--n_support", "16", "--n_query", "16",
+                            "--n_adapt", "16", "--inner_lr", "0.2", "--outer_lr", "0.015"])
     args.aug = dict(min_scale=0.7, max_rot=0.0, flip=True, jitter=0.0, noise=0.05)  # keep brightness: it is the label
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        target = mabn.main(args, data)["per_seed"][0]["target"]
+        per_seed = mabn.main(args, data)["per_seed"]
     finally:
         torch.set_num_threads(threads)
-    assert target["mabn"]["acc_avg"] >= target["none"]["acc_avg"] + 0.03
+    margins = [r["target"]["mabn"]["acc_avg"] - r["target"]["none"]["acc_avg"] for r in per_seed]
+    assert min(margins) >= 0.03 and sum(margins) / len(margins) >= 0.05, margins
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -673,28 +955,13 @@ def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):
     assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
 
 
-def test_kill_and_resume_equals_uninterrupted_and_runs_repeat(tmp_path, monkeypatch):
+def test_two_runs_with_one_seed_are_identical(tmp_path):  # kill and resume: test_model_selection_keeps_the_best...
     data = make_synthetic()
-    full = mabn.main(tiny_args(tmp_path, "--out_dir", str(tmp_path / "full")), data)["per_seed"][0]
-    again = mabn.main(tiny_args(tmp_path, "--out_dir", str(tmp_path / "again")), data)["per_seed"][0]
-    assert again["target"] == full["target"]  # same seed, same numbers
-    for stage in (1, 2):  # die right after the first epoch's checkpoint of a stage, then rerun
-        real_save = mabn.save_atomic
-
-        def save_then_die(obj, path):
-            real_save(obj, path)
-            if isinstance(obj, dict) and obj.get("stage") == stage and not obj["done"]:
-                raise KeyboardInterrupt
-
-        out = str(tmp_path / f"killed{stage}")
-        monkeypatch.setattr(mabn, "save_atomic", save_then_die)
-        with pytest.raises(KeyboardInterrupt):
-            mabn.main(tiny_args(tmp_path, "--out_dir", out), data)
-        monkeypatch.setattr(mabn, "save_atomic", real_save)
-        resumed = mabn.main(tiny_args(tmp_path, "--out_dir", out), data)["per_seed"][0]
-        assert resumed["target"] == full["target"]
-        assert [resumed["stages"][s]["steps"] for s in ("stage1", "stage2")] == \
-            [full["stages"][s]["steps"] for s in ("stage1", "stage2")]
+    full, again = [mabn.main(tiny_args(tmp_path, "--out_dir", str(tmp_path / name), "--epochs", "1", "--meta_epochs",
+                                       "1"), data)["per_seed"][0] for name in ("full", "again")]
+    assert again["target"] == full["target"]
+    assert all(torch.equal(a, b) for a, b in zip(final_checkpoints(tmp_path / "full")[1].values(),
+                                                 final_checkpoints(tmp_path / "again")[1].values()))
 
 
 def test_small_target_domain_adapts_on_all_it_has_and_says_so(tmp_path, monkeypatch):
