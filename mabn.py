@@ -444,13 +444,13 @@ def evaluate(model, target, phis, data, split, rows, ks, args, device, log=print
     frozen = split_params(model)[1]
 
     def domain_params(d):  # every row's tensors for domain d; a domain's augmentations come from its own seed
+        moved = {e: to_device(supports[e], device) for e in (d, swap[d])} if supports else {}  # once per domain
         params = {}
         for name, (row, k) in names.items():
             e = swap[d] if ROWS[row][2] == "unmatched" else d
-            support_x = to_device(supports[e][:k], device) if k else None
             augment_fn = functools.partial(augment, gen=torch.Generator(device).manual_seed(1000 * args.seed + e + 1),
                                            **args.aug)
-            params[name] = row_params(row, model, target, phis, frozen, support_x, augment_fn, args)
+            params[name] = row_params(row, model, target, phis, frozen, moved[e][:k] if k else None, augment_fn, args)
         return params
     batches = [idx[a:a + args.eval_batch_size] for idx in split.by_domain.values()
                for a in range(0, len(idx), args.eval_batch_size)]
