@@ -12,10 +12,7 @@ Commands:
   python mabn.py --methods all --n_adapt 32 1 2 4 8 16 64 --seeds 0 1 2 3 4   # baselines and the paper's analyses
   python -m pytest -q test_mabn.py
   python test_mabn.py --speed                      # the GPU speed figures of the README, on generated data
-
-The file, top to bottom: (1) BEGIN METHOD .. END METHOD: all of MABN (model, BYOL loss, Eq. 2-4, Alg. 1 line 12),
-torch only; (2) baselines and the paper's analyses (BN statistics, TENT, Tables 3-4, Fig. 5); (3) data and backbones
-(digits, WILDS, augmentation); (4) loops (stage 3, checkpoints, stages 1-2); (5) flags with dataset defaults, main.
+Top to bottom: the method (BEGIN/END METHOD, torch only), baselines and analyses, data, loops, flags and main.
 """
 # ================================================== BEGIN METHOD ==================================================
 # All of MABN as one copyable block, on torch alone. Every function is pure in its arguments: adapted parameters are
@@ -117,16 +114,19 @@ def meta_loss(model, phi, frozen, target, support_x, query_x, query_y, augment_f
     loss_main, loss_aux = joint_losses(model, {**frozen, **adapted}, target, query_x, query_y, augment_fn, task)
     return loss_main + aux_weight * loss_aux, loss_main, loss_aux
 
-def meta_step(model, phi, frozen, target, opt, support_x, query_x, query_y, augment_fn, **meta_kw):
-    """Stage 2, one outer step of Alg. 1 on an episode of one source domain (unlabelled support S, labelled query Q):
-    Eq. (4)'s objective, its gradient w.r.t. the ORIGINAL phi through the inner step, opt's step (Adam, beta) on phi.
-    BN must be in eval mode (source statistics, never updated). meta_kw: meta_loss's. -> losses, detached."""
-    loss, loss_main, loss_aux = meta_loss(model, phi, frozen, target, support_x, query_x, query_y, augment_fn,
-                                          **meta_kw)
+def meta_step(model, phi, frozen, target, opt, episodes, augment_fn, **meta_kw):
+    """Stage 2, one outer step of Alg. 1 on a meta batch: episodes = [(support_x, query_x, query_y), ...], one per
+    sampled source domain (unlabelled support S_i, labelled query Q_i). Eq. (4): the gradient of the SUMMED objective
+    (Alg. 1's L_B) w.r.t. the ORIGINAL phi through each inner step, then opt's step (Adam, delta) on phi. BN must be in
+    eval mode (source statistics, never updated). meta_kw: meta_loss's. -> per-episode means of the losses, detached."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()  # Eq. (4): d objective(phi~(phi)) / d phi, second order through Eq. (3)
+    totals = torch.zeros(3, device=episodes[0][0].device)
+    for support_x, query_x, query_y in episodes:
+        losses = meta_loss(model, phi, frozen, target, support_x, query_x, query_y, augment_fn, **meta_kw)
+        losses[0].backward()  # Eq. (4), episode by episode: the gradients add up to the sum's, one graph at a time
+        totals += torch.stack(losses).detach()
     opt.step()
-    return loss.detach(), loss_main.detach(), loss_aux.detach()
+    return totals / len(episodes)
 
 def adapt_domain(model, phi, frozen, target, support_x, augment_fn, inner_lr, steps=1):
     """Alg. 1, line 12, first half: Eq. (3) from the meta-learned phi on a target domain's k unlabelled images support_x
@@ -142,70 +142,87 @@ def predict(model, params, x):
     in params, e.g. {**frozen, **phi~}; the auxiliary branch is discarded. The model's BN must be in eval mode."""
     return functional_call(model, params, (x,))
 # =================================================== END METHOD ===================================================
-import argparse, functools, glob, json, math, os, sys, time  # noqa: E401, E402 (the harness's; the method has its own)
+import argparse, functools, glob, json, math, os, sys, time  # noqa: E401, E402 (the harness's imports)
+from statistics import mean  # noqa: E402
 from tqdm import tqdm  # noqa: E402 (comes with wilds; shown on a terminal only)
 
 # --- Baselines and the paper's analyses (Tables 3-4, Fig. 5) --------------------------------------------------------
+def batch_statistics(params):
+    """params without the backbone's BN running statistics: every BN then normalises each batch with that batch's own
+    (as in training, with nothing stored), TENT's "update BN"."""
+    return {k: None if k.startswith("backbone.") and k.endswith(("running_mean", "running_var")) else v
+            for k, v in params.items()}
+
 @torch.no_grad()
 def reestimate_bn_stats(model, params, support_x):
-    """BN statistics re-estimated on a support set (Schneider et al. 2020): each BN of the backbone normalises with the
-    statistics of the images it sees, as in training, and they replace its running ones. -> {buffer name: tensor}."""
+    """BN statistics re-estimated on a support set (Schneider et al. 2020), to replace the backbone's running ones
+    (Table 4's "update BN" for MABN): what each BN sees of support_x, normalised layer by layer with its own."""
     names = {m: f"backbone.{n}" for n, m in model.backbone.named_modules() if isinstance(m, nn.BatchNorm2d)}
     stats = {}
 
-    def hook(mod, inputs, output):  # x (B, C, H, W): normalise with the batch's statistics and record them
-        x = inputs[0]
-        stats[f"{names[mod]}.running_mean"] = x.mean((0, 2, 3))
-        stats[f"{names[mod]}.running_var"] = x.var((0, 2, 3))  # unbiased, as training mode stores it
-        return F.batch_norm(x, None, None, mod.weight, mod.bias, training=True, eps=mod.eps)
-    handles = [mod.register_forward_hook(hook) for mod in names]
+    def record(mod, inputs):  # x (B, C, H, W)
+        stats[f"{names[mod]}.running_mean"] = inputs[0].mean((0, 2, 3))
+        stats[f"{names[mod]}.running_var"] = inputs[0].var((0, 2, 3))  # unbiased, as training stores it
+    handles = [mod.register_forward_pre_hook(record) for mod in names]
     try:
-        functional_call(model, params, (support_x,))
+        functional_call(model, batch_statistics(params), (support_x,))
     finally:
         for handle in handles:
             handle.remove()
     return stats
 
-def tent_adapt(model, phi, frozen, support_x, lr, steps=1):
-    """TENT (Wang et al. 2021) in the paper's protocol: `steps` SGD steps of size lr on the mean prediction entropy of
-    the support set, on the backbone's BN affine (the part of phi the main head sees). -> new phi, detached."""
-    adapted = {k: v.detach() for k, v in phi.items()}
-    names = [k for k in adapted if k.startswith("backbone.")]
-    with torch.enable_grad():
-        for _ in range(steps):
-            leaves = [adapted[k].requires_grad_(True) for k in names]
-            logits = functional_call(model, {**frozen, **adapted}, (support_x,))  # (k, n_classes)
-            entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
-            grads = torch.autograd.grad(entropy, leaves)
-            adapted.update({k: (v - lr * g).detach() for k, v, g in zip(names, leaves, grads)})
-    return adapted
+def tent_setup(phi, lr=1e-3):
+    """TENT's collect_params and setup_optimizer, with its code's defaults (Adam, lr 1e-3, betas 0.9, 0.999): fresh
+    leaves for phi's backbone part (the BN affine the main head sees) and their optimiser. -> (leaves, optimiser)"""
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in phi.items() if k.startswith("backbone.")}
+    return leaves, torch.optim.Adam(leaves.values(), lr, betas=(0.9, 0.999))
 
-# The rows of stage 3: (the model a row starts from, after stage 1 or after meta-training; its BN statistics, stage 1's
-# running ones or re-estimated on the support set as Table 4's "update BN"; what it does with the support set).
+def tent_forward_and_adapt(model, params, leaves, opt, x):
+    """TENT (Wang et al. 2021) on one test batch x (B, C, H, W), as its forward_and_adapt: predict x with params and
+    the leaves, minimise the batch's mean prediction entropy, step opt on the leaves. -> the outputs (B, n_classes)."""
+    with torch.enable_grad():
+        logits = functional_call(model, {**params, **leaves}, (x,))
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
+        entropy.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return logits.detach()
+
+# The rows of stage 3: (the model a row starts from: after stage 1, meta-trained, or meta-trained with alpha = 0; its BN
+# statistics: stage 1's running ones, re-estimated on the support set, or each batch's own; its adaptation rule).
 ROWS = {
     "stage1": ("stage1", "source", None),  # component ablation: joint training, no adaptation
     "bn_stats": ("stage1", "support", None),  # BN statistics re-estimated on the support set
-    "tent_bn": ("stage1", "support", "tent"),  # Table 4: TENT, update BN
+    "tent_bn": ("stage1", "batch", "tent"),  # Table 4: TENT, update BN (TENT as published)
     "tent_affine": ("stage1", "source", "tent"),  # Table 4: TENT, update affine
     "no_meta": ("stage1", "source", "mabn"),  # Fig. 5 and the ablation: MABN's step without meta-training
-    "none": ("meta", "source", None),  # the ablation: meta-trained, no adaptation
-    "mabn": ("meta", "source", "mabn"),  # MABN (Table 4: MABN, update affine)
+    "no_inner": ("meta0", "source", None),  # the control: stage 2 without its inner step (alpha = 0), no adaptation
+    "none": ("meta", "source", None),  # Table 3 and the ablation: meta-trained, no adaptation
+    "mabn": ("meta", "source", "mabn"),  # MABN (Table 3: matched; Table 4: MABN, update affine)
     "mabn_bn": ("meta", "support", "mabn"),  # Table 4: MABN, update BN
-    "mabn_tent_bn": ("meta", "support", "mabn+tent"),  # Table 4: MABN + TENT, update BN
+    "mabn_tent_bn": ("meta", "batch", "mabn+tent"),  # Table 4: MABN + TENT, update BN
     "mabn_tent_affine": ("meta", "source", "mabn+tent"),  # Table 4: MABN + TENT, update affine
     "mabn_unmatched": ("meta", "source", "unmatched"),  # Table 3: each domain predicted with another domain's phi~
 }
+UNADAPTED = {"stage1": "stage1", "meta": "none", "meta0": "no_inner"}  # each start's row without adaptation
+
+def sees_support(row):  # whether a row uses a domain's k support images (TENT alone adapts on the test batches)
+    return ROWS[row][1] == "support" or ROWS[row][2] in ("mabn", "mabn+tent", "unmatched")
+
+def row_name(row, k, ks):  # a row's name in the results: row@k when several k are evaluated and the row uses k images
+    return f"{row}@{k}" if sees_support(row) and len(ks) > 1 else row
 
 def row_params(row, model, target, phis, frozen, support_x, augment_fn, args):
-    """The tensors `row` predicts a domain with, from phis[its start] and k unlabelled images support_x (k, C, H, W)."""
+    """The tensors `row` starts a domain's predictions with, from phis[its start] and k unlabelled images support_x
+    (k, C, H, W): MABN's step (Eq. 3) taken; TENT's rows go on to adapt online on each test batch (evaluate)."""
     start, stats, rule = ROWS[row]
     phi = phis[start]
     if stats == "support":
         frozen = {**frozen, **reestimate_bn_stats(model, {**frozen, **phi}, support_x)}
+    if stats == "batch":
+        frozen = batch_statistics(frozen)
     if rule in ("mabn", "mabn+tent", "unmatched"):
         phi = adapt_domain(model, phi, frozen, target, support_x, augment_fn, args.inner_lr, args.inner_steps)
-    if rule in ("tent", "mabn+tent"):
-        phi = tent_adapt(model, phi, frozen, support_x, args.inner_lr, args.inner_steps)  # MABN's step, other loss
     return {**frozen, **{k: v.detach() for k, v in phi.items()}}
 
 # --- Data and backbones. A split: dataset[i] -> (x, y, ...), domains[i] = the domain of item i ------------------------
@@ -297,8 +314,7 @@ def load_wilds(args):
         try:
             return wilds.get_dataset(dataset=args.dataset, root_dir=args.root_dir, download=args.download, **kw)
         except (OSError, ValueError) as e:  # a failed download, or a folder without the files wilds reads
-            what = "--download did not produce the data" if args.download else "the data there is incomplete"
-            sys.exit(f"error: {args.dataset} under {where}: {what} ({type(e).__name__}: {e}); fetch it by hand")
+            sys.exit(f"error: {args.dataset} under {where} is incomplete ({type(e).__name__}: {e}); fetch it by hand")
     if args.dataset == "domainnet":  # leave one out: a wilds object per source; validation on their own test images
         objs = [get(source_domain=d, target_domain=args.target_domain) for d in DOMAINNET_DOMAINS
                 if d != args.target_domain]
@@ -366,39 +382,23 @@ def augment(x, gen, min_scale=0.6, max_rot=0.0, flip=True, jitter=0.4, noise=0.0
         x = x + noise * torch.randn(x.shape, generator=gen, device=x.device)
     return x
 
-class Normalize(nn.Module):
-    """norm = (mean, std) per channel, "per_image" (each image and channel standardised: RxRx1) or None."""
-    def __init__(self, norm):
-        super().__init__()
-        self.per_image = norm == "per_image"
-        mean, std = norm if isinstance(norm, (tuple, list)) else ((0.0,), (1.0,))
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, x):
-        if self.per_image:
-            return (x - x.mean(dim=(2, 3), keepdim=True)) / (x.std(dim=(2, 3), keepdim=True) + 1e-5)
-        return (x - self.mean) / self.std
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)
-        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+def normalizer(norm, channels):  # images (B, C, H, W) -> normalised the dataset's way, before the backbone
+    import torchvision
+    if norm == "per_image":  # each image and channel standardised (RxRx1)
+        return nn.InstanceNorm2d(channels)
+    return torchvision.transforms.Normalize(*norm) if norm else nn.Identity()  # (mean, std) per channel, or none
 
 def build_backbone(name, in_channels, pretrained=False, width=16):
     """-> (module: images (B, C, H, W) -> pooled features (B, d), d); small_resnet trains on two CPU cores."""
-    if name == "small_resnet":
-        return nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                             BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2),
-                             BasicBlock(2 * width, 4 * width, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten()), 4 * width
     import torchvision
+    block = torchvision.models.resnet.BasicBlock
+    if name == "small_resnet":  # three residual stages of width 16, 32, 64
+
+        def halving(c_in, c_out):  # stride 2, with a 1x1 convolution + BN on the shortcut
+            return block(c_in, c_out, 2, nn.Sequential(nn.Conv2d(c_in, c_out, 1, 2, bias=False), nn.BatchNorm2d(c_out)))
+        return nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                             block(width, width), halving(width, 2 * width), halving(2 * width, 4 * width),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten()), 4 * width
     arch = name.removesuffix("_8ch")  # resnet50, densenet121, resnet18 (PovertyMap's, with 8 input bands)
     try:
         net = getattr(torchvision.models, arch)(weights="IMAGENET1K_V1" if pretrained else None)
@@ -417,60 +417,88 @@ def build_backbone(name, in_channels, pretrained=False, width=16):
 
 def build_model(args, data, device):  # -> (MABNNet, its BYOL target); channels_last on CUDA (faster convolutions)
     net, feat_dim = build_backbone(args.backbone, data["in_channels"], args.pretrained)
-    model = MABNNet(nn.Sequential(Normalize(data["norm"]), net), feat_dim, data["n_outputs"], args.proj_hidden,
+    model = MABNNet(nn.Sequential(normalizer(data["norm"], data["in_channels"]), net), feat_dim, data["n_outputs"], args.proj_hidden,
                     args.proj_dim).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model, make_target(model)
 
 # --- Loops: stage 3's evaluation pass, checkpoints, stages 1 and 2 --------------------------------------------------
+def support_sets(split, k, args):
+    """{domain: the indices of its k support images}, drawn at random from a generator seeded by the run's seed and the
+    domain (the paper's protocol), or its first k in index order (--support first, Meta-DMoE's)."""
+    if args.support == "first":
+        return {d: idx[:k] for d, idx in split.by_domain.items()}
+    gens = {d: torch.Generator().manual_seed(2 * (1000 * args.seed + d)) for d in split.by_domain}
+    return {d: [idx[i] for i in torch.randperm(len(idx), generator=gens[d])[:k]] for d, idx in split.by_domain.items()}
+
 def evaluate(model, target, phis, data, split, rows, ks, args, device, log=print):
-    """Stage 3: every row adapts each domain from its first k images (index order, as Meta-DMoE) at each k in ks (row@k
-    if several), then one pass predicts every image with every row. phis: {"stage1"/"meta": phi}. -> {row: metrics}"""
+    """Stage 3: every row adapts each domain from its support set at each k in ks (row@k if several), then one pass
+    predicts every image of the domain with every row; TENT's rows go on adapting on each test batch, reset for every
+    domain. phis: {start: phi}. -> {row: metrics; for a row that adapts, per domain: phi_shift, ||phi~ - phi|| / ||phi||
+    at the domain's end, and changed, the share of its predictions that differ from its start's without adaptation}"""
     model.eval()
     target.eval()
-    names = {}  # {row name: (row, k)}; k is None for the rows that never see a support set
-    for row in rows:  # (regression has no prediction entropy for TENT to minimise)
-        for k in sorted(ks) if ROWS[row][1:] != ("source", None) else [None]:
-            if data["task"] == "classification" or ROWS[row][2] not in ("tent", "mabn+tent"):
-                names[f"{row}@{k}" if k and len(ks) > 1 else row] = (row, k)
-    firsts = [idx[:max(ks)] for idx in split.by_domain.values()]  # every domain's support sets, read once, on the host
-    loader = make_loader(split.dataset, args, device, batch_sampler=firsts)
-    supports = {d: batch[0] for d, batch in zip(split.by_domain, loader)} if any(k for _, k in names.values()) else {}
-    if supports and min(map(len, firsts)) < max(ks):
-        log(f"note: '{split.name}' has domains of fewer than {max(ks)} images: they adapt on all they have")
+    names = {row_name(row, k, ks): (row, k) for row in rows for k in (sorted(ks) if sees_support(row) else [None])
+             if data["task"] == "classification" or ROWS[row][2] not in ("tent", "mabn+tent")}  # (regression: no TENT)
+    adapting = {name: UNADAPTED[ROWS[row][0]] for name, (row, k) in names.items()  # {name: the row it compares with}
+                if ROWS[row][1:] != ("source", None) and UNADAPTED[ROWS[row][0]] in names}
+    supports = {}
+    if any(k for _, k in names.values()):  # every domain's support set, read once, on the host
+        sets = support_sets(split, max(ks), args)
+        loader = make_loader(split.dataset, args, device, batch_sampler=list(sets.values()))
+        supports = {d: batch[0] for d, batch in zip(sets, loader)}
+        if min(map(len, sets.values())) < max(ks):
+            log(f"note: '{split.name}' has domains of fewer than {max(ks)} images: they adapt on all they have")
     domains = list(split.by_domain)
     swap = dict(zip(domains, domains[1:] + domains[:1]))  # Table 3: every domain paired with another (one: itself)
     frozen = split_params(model)[1]
+    adapted_phi = {name: {} for name in names}  # {name: {domain: phi~}}; TENT's leaves move on in place
 
-    def domain_params(d):  # every row's tensors for domain d; a domain's augmentations come from its own seed
+    def domain_rows(d):  # every row's (tensors, TENT's leaves and optimiser or None) for domain d
         moved = {e: to_device(supports[e], device) for e in (d, swap[d])} if supports else {}  # once per domain
-        params = {}
+        states = {}
         for name, (row, k) in names.items():
-            e = swap[d] if ROWS[row][2] == "unmatched" else d
-            augment_fn = functools.partial(augment, gen=torch.Generator(device).manual_seed(1000 * args.seed + e + 1),
-                                           **args.aug)
-            params[name] = row_params(row, model, target, phis, frozen, moved[e][:k] if k else None, augment_fn, args)
-        return params
+            start, _, rule = ROWS[row]
+            e = swap[d] if rule == "unmatched" else d
+            gen = torch.Generator(device).manual_seed(2 * (1000 * args.seed + e) + 1)  # the domain's own augmentations
+            params = row_params(row, model, target, phis, frozen, moved[e][:k] if k else None,
+                                functools.partial(augment, gen=gen, **args.aug), args)
+            phi = {n: params[n] for n in phis[start]}
+            tent = tent_setup(phi, args.tent_lr) if rule in ("tent", "mabn+tent") else None
+            states[name] = (params, tent)
+            adapted_phi[name][d] = {**phi, **(tent[0] if tent else {})}
+        return states
     batches = [idx[a:a + args.eval_batch_size] for idx in split.by_domain.values()
                for a in range(0, len(idx), args.eval_batch_size)]
-    outputs, labels, current = {name: [] for name in names}, [], None
+    outputs = {name: [] for name in names}
+    labels = []
+    current = None  # the domain being predicted
     for idx, (x, y, *_) in tqdm(zip(batches, make_loader(split.dataset, args, device, batch_sampler=batches)),
                                 total=len(batches), desc=f"stage 3 {split.name}", leave=False, disable=None):
         if int(split.domains[idx[0]]) != current:  # a new domain: every row adapts to it (Alg. 1, line 12)
             current = int(split.domains[idx[0]])
-            params = domain_params(current)
+            states = domain_rows(current)
         x = to_device(x, device)
-        for name, p in params.items():
-            outputs[name].append(predict(model, p, x))  # left on the device: no host sync per batch
+        for name, (params, tent) in states.items():  # the outputs stay on the device: no host sync per batch
+            outputs[name].append(tent_forward_and_adapt(model, params, *tent, x) if tent else predict(model, params, x))
         labels.append(y)
     inverse = torch.argsort(torch.tensor([i for idx in batches for i in idx]))  # back to the split's index order
-    return {name: data["evaluate"](split, torch.cat(out).cpu()[inverse], torch.cat(labels)[inverse])
-            for name, out in outputs.items()}
+    outputs = {name: torch.cat(out).cpu()[inverse] for name, out in outputs.items()}
+    results = {name: data["evaluate"](split, outputs[name], torch.cat(labels)[inverse]) for name in names}
+    for name, plain in adapting.items():  # what adaptation changed: ||phi~ - phi|| / ||phi||, and the predictions
+        start = torch.cat([v.flatten() for v in phis[ROWS[plain][0]].values()])
+        results[name]["phi_shift"] = {d: ((torch.cat([v.flatten() for v in phi.values()]) - start).norm() /
+                                          start.norm()).item() for d, phi in adapted_phi[name].items()}
+        if data["task"] == "classification":
+            changed = (outputs[name].argmax(-1) != outputs[plain].argmax(-1)).float()
+            results[name]["changed"] = {d: changed[split.domains == d].mean().item() for d in domains}
+    return results
 
 STAGE_FLAGS = {1: ("dataset", "seed", "epochs", "batch_size", "lr", "lr_decay_epoch", "weight_decay", "aux_weight",
                    "ema", "max_steps", "img_size", "proj_hidden", "proj_dim", "pretrained", "target_domain"),
-               2: ("meta_epochs", "n_support", "n_query", "inner_lr", "outer_lr", "inner_steps", "first_order")}
+               2: ("meta_epochs", "n_support", "n_query", "meta_batch", "inner_lr", "outer_lr", "inner_steps",
+                   "first_order", "support")}
 
 def stage_flags(args, stage):  # the flags a stage's checkpoint depends on; stage 2 also on the k it selects with
     flags = {k: getattr(args, k) for s in range(1, stage + 1) for k in STAGE_FLAGS[s]}
@@ -508,22 +536,35 @@ def mean_losses(losses, where, path):
                  f"last good checkpoint is {path}; lower the learning rate")
     return {k: sum(row[j] for row in values) / len(values) for j, k in enumerate(losses[0])}
 
-def episodes(split, n_support, n_query, n_episodes, gen):
-    """Stage 2's batches: n_episodes lists of support then query indices (disjoint), each from one source domain (a
-    task) drawn in proportion to its size; smaller domains give all they have (single-image ones are skipped)."""
+def meta_batches(split, args, device, n_steps, gen):
+    """Stage 2's data, a meta batch per outer step (Alg. 1): B source domains (tasks), distinct and drawn uniformly, each
+    giving an episode of disjoint support and query images (smaller domains all they have; single-image ones none),
+    split n_support : n_query. Yields [(support_x, query_x, query_y)] * B, on the device."""
     by_domain = [torch.tensor(idx) for idx in split.by_domain.values() if len(idx) >= 2]
-    sizes = torch.tensor([len(idx) for idx in by_domain], dtype=torch.float)
-    batches = []
-    for _ in range(n_episodes):
-        idx = by_domain[int(torch.multinomial(sizes, 1, generator=gen))]
-        batches.append(idx[torch.randperm(len(idx), generator=gen)][:n_support + n_query].tolist())
-    return batches
+    per_step = min(args.meta_batch, len(by_domain))
+    episodes = []  # index lists, B after B
+    for _ in range(n_steps):
+        for idx in [by_domain[d] for d in torch.randperm(len(by_domain), generator=gen)[:per_step]]:
+            episodes.append(idx[torch.randperm(len(idx), generator=gen)][:args.n_support + args.n_query].tolist())
+    meta_batch = []
+    for x, y, *_ in make_loader(split.dataset, args, device, batch_sampler=episodes):
+        n_s = min(max(1, round(len(x) * args.n_support / (args.n_support + args.n_query))), len(x) - 1)
+        meta_batch.append((to_device(x[:n_s], device), to_device(x[n_s:], device), y[n_s:].to(device)))
+        if len(meta_batch) == per_step:
+            yield meta_batch
+            meta_batch = []
 
-def train(stage, model, target, data, args, device, log):
+def meta_steps_per_epoch(split, args):  # an epoch of stage 2 sees about every source image once
+    return max(1, len(split.domains) // ((args.n_support + args.n_query) * args.meta_batch))
+
+def train(stage, model, target, data, args, device, log, name=None):
     """Stage 1 (Eq. 2): the whole network, all source domains mixed, Adam, the LR halved from --lr_decay_epoch. Stage 2
-    (Alg. 1): weights and BN statistics frozen, phi learnt by meta_step on one-domain episodes. Keeps the epoch best on
-    the validation domains; atomic checkpoints: resumes after the last finished epoch, loads a finished stage."""
-    t_start, split, (phi, frozen) = time.time(), data["splits"]["train"], split_params(model)
+    (Alg. 1): weights and BN statistics frozen, phi learnt by meta_step on meta batches of one-domain episodes. Keeps the
+    epoch best on the validation domains (with its BYOL target); atomic checkpoints (<out_dir>/<name>.pt): resumes
+    after the last finished epoch, loads a finished stage."""
+    t_start = time.time()
+    split = data["splits"]["train"]
+    phi, frozen = split_params(model)
     seed = args.seed + 2 * (stage - 1)  # the order of images has a generator of its own, so a resumed run draws the
     gens = [torch.Generator(device).manual_seed(seed), torch.Generator().manual_seed(seed)]  # orders a whole run would
     if stage == 1:  # one loader for every epoch, its workers kept alive
@@ -531,53 +572,52 @@ def train(stage, model, target, data, args, device, log):
         loader = make_loader(split.dataset, args, device, batch_size=args.batch_size, drop_last=True,
                              sampler=torch.utils.data.RandomSampler(split.dataset, generator=gens[1]))
     else:
-        model.requires_grad_(False)  # freeze every weight matrix; only phi (BN gamma, beta) learns, by beta (Eq. 4)
+        model.requires_grad_(False)  # freeze every weight matrix; only phi (BN gamma, beta) learns, by delta (Eq. 4)
         for p in phi.values():
             p.requires_grad_(True)
         opt = torch.optim.Adam(phi.values(), lr=args.outer_lr, fused=device.type == "cuda")
-    path = os.path.join(args.out_dir, f"stage{stage}.pt")
+    label = name or f"stage {stage}"
+    path = os.path.join(args.out_dir, f"{name or f'stage{stage}'}.pt")
     ckpt = load_checkpoint(path, args, stage) or dict(epoch=-1, steps=0, best_metric=-math.inf, best=None)
     if "model" in ckpt:
         model.load_state_dict(ckpt["model"])
         target.load_state_dict(ckpt["target"])
         if ckpt["done"]:
-            log(f"stage {stage}: loaded finished checkpoint {path}")
-            return dict(steps=ckpt["steps"], time_s=time.time() - t_start)
+            log(f"{label}: loaded finished checkpoint {path}")
+            return dict(steps=ckpt["steps"], time_s=time.time() - t_start, val=ckpt["best_metric"])
         opt.load_state_dict(ckpt["opt"])
         for gen, state in zip(gens, ckpt["gens"]):
             gen.set_state(state)
-        log(f"stage {stage}: resuming after epoch {ckpt['epoch'] + 1} ({path})")
+        log(f"{label}: resuming after epoch {ckpt['epoch'] + 1} ({path})")
     steps, best_metric, best = ckpt["steps"], ckpt["best_metric"], ckpt["best"]
     start, row = ("stage1", "stage1") if stage == 1 else ("meta", "mabn")  # how the validation domains score it
     selected = set(phi if stage == 2 else model.state_dict())  # what model selection keeps
     n_epochs, total_images, total_s = args.epochs if stage == 1 else args.meta_epochs, 0, 0.0
     augment_fn = functools.partial(augment, gen=gens[0], **args.aug)
     for epoch in range(ckpt["epoch"] + 1, n_epochs):
-        where, t0, losses, n_images = f"stage {stage}, epoch {epoch + 1}", time.time(), [], 0
+        where, t0, losses, n_images = f"{label}, epoch {epoch + 1}", time.time(), [], 0
         if stage == 1:
             for group in opt.param_groups:  # the paper halves the LR after a fixed epoch
                 group["lr"] = args.lr * (0.5 if epoch >= args.lr_decay_epoch else 1.0)
-        else:  # an epoch of episodes sees about every source image once
-            n_episodes = max(1, len(split.domains) // (args.n_support + args.n_query))
-            loader = make_loader(split.dataset, args, device,
-                                 batch_sampler=episodes(split, args.n_support, args.n_query, n_episodes, gens[1]))
+        else:
+            loader = meta_batches(split, args, device, meta_steps_per_epoch(split, args), gens[1])
         model.train(stage == 1)  # stage 2: BN normalises with (and keeps) the source statistics of stage 1
         target.train(stage == 1)
         for batch in tqdm(loader, desc=where, leave=False, disable=None):
             if args.max_steps is not None and steps >= args.max_steps:
                 break
-            x, y = to_device(batch[0], device), batch[1].to(device, non_blocking=True)
             if stage == 1:  # Eq. (2); the losses stay on the device
+                x, y = to_device(batch[0], device), batch[1].to(device, non_blocking=True)
                 step_losses = joint_step(model, target, opt, x, y, augment_fn, args.aux_weight, args.ema, data["task"])
                 losses.append(dict(zip(("main", "aux"), step_losses)))
-            else:  # Eq. (3)-(4) on an episode: the (unlabelled) support set, then the query set, split in proportion
-                n_s = min(max(1, round(len(x) * args.n_support / (args.n_support + args.n_query))), len(x) - 1)
-                losses.append(dict(zip(("meta", "main", "aux"), meta_step(
-                    model, phi, frozen, target, opt, x[:n_s], x[n_s:], y[n_s:], augment_fn, inner_lr=args.inner_lr,
-                    aux_weight=args.aux_weight, inner_steps=args.inner_steps, first_order=args.first_order,
-                    task=data["task"]))))
+                n_images += len(x)
+            else:  # Eq. (3)-(4) on a meta batch: B episodes of (unlabelled) support and (labelled) query images
+                step_losses = meta_step(model, phi, frozen, target, opt, batch, augment_fn, inner_lr=args.inner_lr,
+                                        aux_weight=args.aux_weight, inner_steps=args.inner_steps,
+                                        first_order=args.first_order, task=data["task"])
+                losses.append(dict(zip(("meta", "main", "aux"), step_losses)))
+                n_images += sum(len(support_x) + len(query_x) for support_x, query_x, _ in batch)
             steps += 1
-            n_images += len(x)
         means = mean_losses(losses, where, path) if losses else {}
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the epoch's time includes its queued GPU work
@@ -588,33 +628,66 @@ def train(stage, model, target, data, args, device, log):
                        log)[row][args.val_metric]
         if best is None or val > best_metric:
             best_metric = val
-            best = {k: v.detach().clone() for k, v in model.state_dict().items() if k in selected}
-        log(f"stage {stage} epoch {epoch + 1}/{n_epochs}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
+            best = dict(model={k: v.detach().clone() for k, v in model.state_dict().items() if k in selected},
+                        target={k: v.detach().clone() for k, v in target.state_dict().items()})
+        log(f"{label} epoch {epoch + 1}/{n_epochs}: " + " ".join(f"{k} {v:.4f}" for k, v in means.items()) +
             f" | {n_images / seconds:.0f} img/s | val {row} {args.val_metric} {val:.4f}")
         if epoch + 1 < n_epochs:  # resumable from here; the last epoch is saved as the finished stage below
             save_atomic(dict(done=False, stage=stage, epoch=epoch, steps=steps, model=model.state_dict(),
                              target=target.state_dict(), opt=opt.state_dict(), gens=[g.get_state() for g in gens],
                              best_metric=best_metric, best=best, flags=stage_flags(args, stage)), path)
-    if best is not None:
-        model.load_state_dict(best, strict=False)
+    if best is not None:  # the best epoch's network, and its BYOL target with it
+        model.load_state_dict(best["model"], strict=False)
+        target.load_state_dict(best["target"])
     save_atomic(dict(done=True, stage=stage, steps=steps, model=model.state_dict(), target=target.state_dict(),
-                     flags=stage_flags(args, stage)), path)
+                     best_metric=best_metric, flags=stage_flags(args, stage)), path)
     img_per_s = round(total_images / total_s, 1) if total_s else None
-    return dict(steps=steps, time_s=time.time() - t_start, img_per_s=img_per_s)
+    return dict(steps=steps, time_s=time.time() - t_start, img_per_s=img_per_s, val=best_metric)
+
+ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the pilot's log grid for alpha (inner LR)
+DELTAS = (1e-4, 1e-3, 1e-2)  # and for delta (outer LR); alpha's pilots run at the last
+
+def choose_lrs(model, target, data, args, device, log):
+    """alpha and delta, which the paper does not publish, chosen on the validation domains unless the user set them: a
+    pilot per candidate, stage 2 cut to --pilot_steps outer steps from the stage-1 phi, scored as stage 2 scores itself
+    (row mabn, args.val_metric); alpha on ALPHAS at delta = DELTAS[-1], then delta on DELTAS at that alpha. A pilot is a
+    stage-2 checkpoint of its own. -> {inner_lr, outer_lr, candidates}; the model's phi is stage 1's on return."""
+    t0 = time.time()
+    stage1_phi = clone_phi(model)
+    n_steps = min(args.pilot_steps, args.max_steps or args.pilot_steps)
+    n_epochs = math.ceil(n_steps / meta_steps_per_epoch(data["splits"]["train"], args))
+    scores = {}
+
+    def score(inner_lr, outer_lr):  # the validation score of a pilot with these learning rates
+        if (inner_lr, outer_lr) not in scores:
+            trial = argparse.Namespace(**{**vars(args), "inner_lr": inner_lr, "outer_lr": outer_lr,
+                                          "meta_epochs": n_epochs, "max_steps": n_steps})
+            name = f"pilot_alpha{inner_lr:g}_delta{outer_lr:g}"
+            scores[inner_lr, outer_lr] = train(2, model, target, data, trial, device, log, name)["val"]
+            model.load_state_dict(stage1_phi, strict=False)
+        return scores[inner_lr, outer_lr]
+    inner_lr = args.inner_lr
+    if inner_lr is None:  # the first best: on a tie, the smaller step
+        inner_lr = max(ALPHAS, key=lambda alpha: score(alpha, args.outer_lr or DELTAS[-1]))
+    outer_lr = args.outer_lr or max(DELTAS, key=lambda delta: score(inner_lr, delta))
+    log(f"pilot: alpha {inner_lr:g}, delta {outer_lr:g}; scored " + ", ".join(f"({a:g}, {d:g}) {val:.4f}"
+                                                                            for (a, d), val in scores.items()))
+    candidates = [dict(inner_lr=alpha, outer_lr=delta, score=val) for (alpha, delta), val in scores.items()]
+    return dict(inner_lr=inner_lr, outer_lr=outer_lr, candidates=candidates, time_s=time.time() - t0)
 
 # --- Flags with per-dataset defaults, and main ----------------------------------------------------------------------
 RGB_AUG = dict(min_scale=0.6, max_rot=0.0, flip=True, jitter=0.4, noise=0.0)
 WILDS_KEYS = ("backbone", "img_size", "domain_fields", "n_adapt", "batch_size", "lr", "epochs", "n_support", "n_query",
-              "inner_lr", "outer_lr", "eval_batch_size", "val_metric")
+              "eval_batch_size", "val_metric")
 DATASETS = {name: dict(pretrained=True, norm="imagenet", proj_hidden=4096, proj_dim=256, lr_decay_epoch=20,
                        weight_decay=0.0, meta_epochs=10, aug=RGB_AUG, **dict(zip(WILDS_KEYS, row))) for name, row in {
     # METHOD.md's and Meta-DMoE's values, columns as WILDS_KEYS; (*) marks ours where both papers are silent
-    "iwildcam": ("resnet50", 448, ["location"], [12], 16, 3e-5, 12, 24, 16, 3e-4, 3e-5, 64, "F1-macro_all"),
-    "camelyon17": ("densenet121", 96, ["slide"], [32], 32, 1e-3, 5, 64, 32, 1e-3, 1e-4, 256, "acc_avg"),
-    "rxrx1": ("resnet50", 256, ["experiment"], [32], 75, 1e-4, 90, 75, 48, 1e-4, 1e-6, 150, "acc_avg"),
-    "fmow": ("densenet121", 224, ["region", "year"], [32], 64, 1e-4, 20, 64, 48, 1e-4, 1e-5, 128, "acc_worst_region"),
-    "poverty": ("resnet18_8ch", 224, ["country"], [32], 64, 1e-3, 50, 64, 48, 1e-3, 1e-4, 128, "r_wg"),  # (*)
-    "domainnet": ("resnet50", 224, ["domain"], [32], 32, 1e-4, 10, 64, 48, 1e-4, 1e-5, 128, "acc_avg"),  # (*)
+    "iwildcam": ("resnet50", 448, ["location"], [12], 16, 3e-5, 12, 24, 16, 64, "F1-macro_all"),
+    "camelyon17": ("densenet121", 96, ["slide"], [32], 32, 1e-3, 5, 64, 32, 256, "acc_avg"),
+    "rxrx1": ("resnet50", 256, ["experiment"], [32], 75, 1e-4, 90, 75, 48, 150, "acc_avg"),
+    "fmow": ("densenet121", 224, ["region", "year"], [32], 64, 1e-4, 20, 64, 48, 128, "acc_worst_region"),
+    "poverty": ("resnet18_8ch", 224, ["country"], [32], 64, 1e-3, 50, 64, 48, 128, "r_wg"),  # (*)
+    "domainnet": ("resnet50", 224, ["domain"], [32], 32, 1e-4, 10, 64, 48, 128, "acc_avg"),  # (*)
 }.items()}
 DATASETS["camelyon17"].update(weight_decay=1e-2, aug=dict(RGB_AUG, min_scale=0.8, max_rot=180.0))  # (*) any rotation
 DATASETS["rxrx1"].update(norm="per_image", weight_decay=1e-5, aug=dict(DATASETS["camelyon17"]["aug"], jitter=0.2))
@@ -622,12 +695,14 @@ DATASETS["poverty"].update(norm=None, aug=dict(RGB_AUG, min_scale=0.8, max_rot=1
 DATASETS["digits"] = dict(  # the offline default: sklearn's handwritten digits drawn by 36 "cameras" (make_digits)
     backbone="small_resnet", img_size=16, norm=((0.5,) * 3, (0.25,) * 3), pretrained=False, val_metric="acc_avg",
     n_adapt=[32], batch_size=64, lr=2e-3, weight_decay=0.0, epochs=10, lr_decay_epoch=7, meta_epochs=6, n_support=32,
-    n_query=32, inner_lr=0.2, outer_lr=1e-2, proj_hidden=256, proj_dim=64, eval_batch_size=50,
-    aug=dict(min_scale=0.7, max_rot=15.0, flip=False, jitter=0.4, noise=0.05))
-SHARED = dict(aux_weight=0.1, ema=0.99, inner_steps=1)
+    n_query=32, proj_hidden=256, proj_dim=64, eval_batch_size=50, aug=dict(min_scale=0.7, max_rot=15.0, flip=False,
+                                                                          jitter=0.4, noise=0.05))
+SHARED = dict(aux_weight=0.1, ema=0.99, inner_steps=1, meta_batch=1, pilot_steps=100, tent_lr=1e-3)
 TUNED = ("epochs", "batch_size", "lr", "lr_decay_epoch", "weight_decay", "aux_weight", "ema", "proj_hidden", "proj_dim",
-         "meta_epochs", "n_support", "n_query", "inner_lr", "outer_lr", "inner_steps", "eval_batch_size", "img_size")
-MAY_BE_ZERO = ("epochs", "meta_epochs", "lr_decay_epoch", "weight_decay", "aux_weight", "ema", "num_workers")
+         "meta_epochs", "n_support", "n_query", "meta_batch", "inner_steps", "pilot_steps", "eval_batch_size",
+         "img_size", "tent_lr")
+MAY_BE_ZERO = ("epochs", "meta_epochs", "lr_decay_epoch", "weight_decay", "aux_weight", "ema", "num_workers",
+               "inner_lr")
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block: what is wrong and where to look
@@ -646,17 +721,22 @@ def parse_args(argv=None):
                    help="the rows of stage 3 (ROWS in mabn.py; all: every one), all on the same support sets")
     p.add_argument("--n_adapt", type=int, nargs="+", help="k, the unlabelled images of a target domain it adapts on; "
                    "several values evaluate every adapting row at each (model selection adapts with the first)")
+    p.add_argument("--inner_lr", type=float, help="alpha, Eq. (3)'s step (also stage 3's); default: the pilot's pick")
+    p.add_argument("--outer_lr", type=float, help="delta, Eq. (4)'s Adam LR; default: the pilot's pick")
+    p.add_argument("--support", default="random", choices=["random", "first"],
+                   help="a target domain's k support images: drawn at random per seed, or its first k (Meta-DMoE)")
     p.add_argument("--first_order", action="store_true", help="drop the second-order term of Eq. (4)'s gradient")
     p.add_argument("--num_workers", type=int, help="DataLoader workers (default: 0 for digits, else cores - 1, <= 16)")
     p.add_argument("--max_steps", type=int, help="cap on the steps of each training stage (smoke runs)")
     group = p.add_argument_group("the dataset's values (DATASETS in mabn.py) unless set; the README's Flags say more")
     for name in TUNED:
-        group.add_argument(f"--{name}", type=type(DATASETS["digits"].get(name, SHARED.get(name))))
+        group.add_argument(f"--{name}", type=type({**SHARED, **DATASETS["digits"]}[name]))
     args = p.parse_args(argv)
     for key, value in {**SHARED, **DATASETS[args.dataset]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    checked = {**{k: getattr(args, k) for k in TUNED}, "n_adapt": min(args.n_adapt), "num_workers": args.num_workers}
+    checked = {**{k: getattr(args, k) for k in TUNED}, "n_adapt": min(args.n_adapt), "num_workers": args.num_workers,
+               "inner_lr": args.inner_lr, "outer_lr": args.outer_lr}
     for name, value in checked.items():
         if value is not None and (value < 0 or (value == 0 and name not in MAY_BE_ZERO)):
             p.error(f"--{name} must be {'>= 0' if name in MAY_BE_ZERO else '> 0'}, got {value}")
@@ -665,17 +745,31 @@ def parse_args(argv=None):
     args.device = "cuda" if torch.cuda.is_available() else "cpu"  # CUDA_VISIBLE_DEVICES= keeps a run on the CPU
     if args.num_workers is None:  # decoding WILDS images needs workers; the in-memory digits do not
         args.num_workers = 0 if args.dataset == "digits" else max(1, min(16, len(os.sched_getaffinity(0)) - 1))
-    args.methods = [row for row in ROWS if row in args.methods or "all" in args.methods]  # in ROWS' order
+    chosen = set(ROWS) if "all" in args.methods else set(args.methods)
+    chosen |= {UNADAPTED[ROWS[row][0]] for row in chosen}  # each start's row without adaptation, for "changed"
+    args.methods = [row for row in ROWS if row in chosen]  # in ROWS' order
     args.out_dir = args.out_dir or os.path.join("runs", args.dataset)
     args.seed = args.seeds[0]
     return args
 
+def clone_phi(model):  # a detached copy of the model's phi
+    return {k: v.detach().clone() for k, v in split_params(model)[0].items()}
+
 def run_seed(args, data, device, log):
-    """The whole pipeline for args.seed, in args.out_dir. -> its results (also written to results.json)."""
+    """The whole pipeline for args.seed, in args.out_dir (args: this seed's own copy, which gets the pilot's alpha and
+    delta). -> its results (also written to results.json)."""
     torch.manual_seed(args.seed)
     model, target = build_model(args, data, device)
     stages = {"stage1": train(1, model, target, data, args, device, log)}
-    phis = {"stage1": {k: v.detach().clone() for k, v in split_params(model)[0].items()}}
+    phis = {"stage1": clone_phi(model)}
+    pilot = choose_lrs(model, target, data, args, device, log)
+    stages["pilot"] = dict(time_s=pilot.pop("time_s"))
+    vars(args).update(inner_lr=pilot["inner_lr"], outer_lr=pilot["outer_lr"])
+    if "no_inner" in args.methods:  # the control: stage 2 with alpha = 0 (phi fine-tuned on the joint loss alone)
+        control = argparse.Namespace(**{**vars(args), "inner_lr": 0.0})
+        stages["stage2_alpha0"] = train(2, model, target, data, control, device, log, name="stage2_alpha0")
+        phis["meta0"] = clone_phi(model)
+        model.load_state_dict(phis["stage1"], strict=False)  # stage 2 proper starts from stage 1's phi too
     stages["stage2"] = train(2, model, target, data, args, device, log)
     phis["meta"] = split_params(model)[0]
     t0 = time.time()
@@ -685,7 +779,10 @@ def run_seed(args, data, device, log):
     stages["stage3"] = dict(time_s=seconds, img_per_s=round(len(test.domains) / seconds, 1))
     log(f"seed {args.seed}: " + ", ".join(f"{name} {s['time_s']:.1f} s" + (f" ({s['img_per_s']:.0f} img/s)" if
                                           s.get("img_per_s") else "") for name, s in stages.items()))
-    out = dict(flags=vars(args), seed=args.seed, device=str(device), stages=stages, **results)
+    log("adaptation, mean over target domains (||phi~ - phi|| / ||phi||, predictions changed): " + ", ".join(
+        f"{name} {mean(r['phi_shift'].values()):.2%} {mean(r.get('changed', {0: math.nan}).values()):.1%}"
+        for name, r in results["target"].items() if "phi_shift" in r))
+    out = dict(flags=vars(args), seed=args.seed, device=str(device), stages=stages, pilot=pilot, **results)
     save_atomic(out, os.path.join(args.out_dir, "results.json"))
     return out
 
@@ -695,20 +792,19 @@ GRID = {"TENT": ("tent_bn", "tent_affine"), "MABN": ("mabn_bn", "mabn"),  # Tabl
 def summarize(per_seed, ks, log):
     """Print and return {row: {metric: (mean, std over seeds)}} on the target split, with each row's start and stats;
     then, when all its rows ran, Table 4's grid: adaptation rule x what BN updates, at each k."""
-    rows = {name: [r["target"][name] for r in per_seed] for name in per_seed[0]["target"]}
-    metrics = [k for k in per_seed[0]["target"][next(iter(rows))] if k != "per_domain"]
+    metrics = [k for k, v in next(iter(per_seed[0]["target"].values())).items() if not isinstance(v, dict)]
     many, width = len(per_seed) > 1, max(map(len, metrics)) + (10 if len(per_seed) > 1 else 2)
     log(f"\n{'row':<24}{'from':>7}{'stats':>8}" + "".join(f"{m:>{width}}" for m in metrics) + f"   (target domains, "
         f"split 'test', {len(per_seed)} seed{'s: mean ± std' if many else ''})")
     summary = {}
-    for name, results in rows.items():
-        values = {k: torch.tensor([r[k] for r in results]) for k in metrics}
+    for name in per_seed[0]["target"]:
+        values = {k: torch.tensor([r["target"][name][k] for r in per_seed]) for k in metrics}
         summary[name] = {k: (v.mean().item(), v.std().item() if many else 0.0) for k, v in values.items()}
         cells = [f"{mean:.4f} ± {std:.3f}" if many else f"{mean:.4f}" for mean, std in summary[name].values()]
         start, stats, _ = ROWS[name.split("@")[0]]
         log(f"{name:<24}{start:>7}{stats:>8}" + "".join(f"{c:>{width}}" for c in cells))
     for k in sorted(ks):
-        cells = [[summary.get(row if len(ks) == 1 else f"{row}@{k}") for row in pair] for pair in GRID.values()]
+        cells = [[summary.get(row_name(row, k, ks)) for row in pair] for pair in GRID.values()]
         if all(all(pair) for pair in cells):
             log(f"\nTable 4 at k={k}, {metrics[0]}: {'update BN':>15}{'update affine':>18}")
             for label, pair in zip(GRID, cells):
