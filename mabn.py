@@ -417,8 +417,8 @@ def build_backbone(name, in_channels, pretrained=False, width=16):
 
 def build_model(args, data, device):  # -> (MABNNet, its BYOL target); channels_last on CUDA (faster convolutions)
     net, feat_dim = build_backbone(args.backbone, data["in_channels"], args.pretrained)
-    model = MABNNet(nn.Sequential(normalizer(data["norm"], data["in_channels"]), net), feat_dim, data["n_outputs"], args.proj_hidden,
-                    args.proj_dim).to(device)
+    backbone = nn.Sequential(normalizer(data["norm"], data["in_channels"]), net)
+    model = MABNNet(backbone, feat_dim, data["n_outputs"], args.proj_hidden, args.proj_dim).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model, make_target(model)
@@ -537,9 +537,9 @@ def mean_losses(losses, where, path):
     return {k: sum(row[j] for row in values) / len(values) for j, k in enumerate(losses[0])}
 
 def meta_batches(split, args, device, n_steps, gen):
-    """Stage 2's data, a meta batch per outer step (Alg. 1): B source domains (tasks), distinct and drawn uniformly, each
-    giving an episode of disjoint support and query images (smaller domains all they have; single-image ones none),
-    split n_support : n_query. Yields [(support_x, query_x, query_y)] * B, on the device."""
+    """Stage 2's data, a meta batch per outer step (Alg. 1): B source domains (tasks), distinct and drawn uniformly,
+    each giving an episode of disjoint support and query images (smaller domains all they have; single-image ones
+    none), split n_support : n_query. Yields [(support_x, query_x, query_y)] * B, on the device."""
     by_domain = [torch.tensor(idx) for idx in split.by_domain.values() if len(idx) >= 2]
     per_step = min(args.meta_batch, len(by_domain))
     episodes = []  # index lists, B after B
@@ -559,9 +559,9 @@ def meta_steps_per_epoch(split, args):  # an epoch of stage 2 sees about every s
 
 def train(stage, model, target, data, args, device, log, name=None):
     """Stage 1 (Eq. 2): the whole network, all source domains mixed, Adam, the LR halved from --lr_decay_epoch. Stage 2
-    (Alg. 1): weights and BN statistics frozen, phi learnt by meta_step on meta batches of one-domain episodes. Keeps the
-    epoch best on the validation domains (with its BYOL target); atomic checkpoints (<out_dir>/<name>.pt): resumes
-    after the last finished epoch, loads a finished stage."""
+    (Alg. 1): weights and BN statistics frozen, phi learnt by meta_step on meta batches of one-domain episodes. Keeps
+    the epoch best on the validation domains (with its BYOL target); atomic checkpoints (<out_dir>/<name>.pt):
+    resumes after the last finished epoch, loads a finished stage. -> dict(steps, time_s, img_per_s, val)"""
     t_start = time.time()
     split = data["splits"]["train"]
     phi, frozen = split_params(model)

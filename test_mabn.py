@@ -285,7 +285,8 @@ def test_byol_loss_target_and_ema():
 # ----------------------------------------------------------------------------------------------------------
 def phis_of(model):
     phi = mabn.split_params(model)[0]
-    return {"stage1": {k: v + 0.05 for k, v in phi.items()}, "meta": phi, "meta0": {k: v - 0.05 for k, v in phi.items()}}
+    return {"stage1": {k: v + 0.05 for k, v in phi.items()}, "meta": phi,
+            "meta0": {k: v - 0.05 for k, v in phi.items()}}
 
 
 def test_prediction_never_runs_aux_branch(tmp_path):
@@ -904,17 +905,27 @@ def test_pilot_chooses_alpha_then_delta_on_validation_and_a_given_value_wins(tmp
         assert all(torch.equal(v, stage1[k]) for k, v in phi_at_stage2[-1].items())  # the pilot leaves the model alone
 
 
+GAIN_SHIFT_FLAGS = ["--epochs", "3", "--meta_epochs", "8", "--batch_size", "16", "--n_support", "16", "--n_query", "16",
+                    "--n_adapt", "16"]
+
+
+def gain_shift(argv):
+    """The learning check's task and flags (argv: more mabn.py flags, which win): 32 source and 6 unseen target domains
+    of make_synthetic, each with its own gain; BYOL's views keep the brightness, which is the label.
+    python test_mabn.py --gain-shift [mabn.py flags] runs it through mabn.main. -> (args, data)"""
+    args = mabn.parse_args(["--out_dir", os.path.join("runs", "gain_shift"), *GAIN_SHIFT_FLAGS, *argv])
+    args.aug = dict(min_scale=0.7, max_rot=0.0, flip=True, jitter=0.0, noise=0.05)
+    return args, make_synthetic(n_source=32, n_val=4, n_test=6, per_domain=32, gain=0.5)
+
+
 def test_mabn_beats_no_adaptation_on_gain_shift(tmp_path):
-    """32 source and 6 unseen target domains, each with its own gain (see make_synthetic), seeds 0, 1 and 2: MABN beats
-    the same meta-trained model without adaptation in every seed by 3 points or more, and by 5 or more on average.
-    Seeds 0-7 of this exact setting gave mabn - none = +13.5, +11.5, +26.0, +9.4, +7.8, +8.9, +14.6, +12.0 points
-    (any three of them: +8.7 on average at the least). One CPU thread: a seed's outcome changes with the summation
-    order that other thread counts bring."""
-    data = make_synthetic(n_source=32, n_val=4, n_test=6, per_domain=32, gain=0.5)
-    args = mabn.parse_args(["--out_dir", str(tmp_path / "run"), "--seeds", "0", "1", "2", "--epochs", "3",
-                            "--meta_epochs", "8", "--batch_size", "16", "--n_support", "16", "--n_query", "16",
-                            "--n_adapt", "16", "--inner_lr", "0.2", "--outer_lr", "0.015"])
-    args.aug = dict(min_scale=0.7, max_rot=0.0, flip=True, jitter=0.0, noise=0.05)  # keep brightness: it is the label
+    """The gain-shift task (gain_shift) at alpha 0.2, delta 0.015, seeds 0, 1 and 2: MABN beats the same meta-trained
+    model without adaptation in every seed by 3 points or more, and by 5 or more on average. Seeds 0-7 gave mabn - none
+    = +8.9, +18.8, +12.5, +16.7, +12.0, +5.7, +4.2, +20.3 points (any three of them: +6.3 on average at the least); most
+    of it is `none` being worse than a phi meta-trained without the inner step (row no_inner: mabn - no_inner +3.4 on
+    average, README). One CPU thread: a seed's outcome changes with the summation order of other thread counts."""
+    args, data = gain_shift(["--out_dir", str(tmp_path / "run"), "--seeds", "0", "1", "2", "--inner_lr", "0.2",
+                             "--outer_lr", "0.015"])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -1111,7 +1122,8 @@ def test_speed_script_runs_every_measurement():
     (["--outer_lr", "0"], "--outer_lr must be > 0"), (["--epochs", "-1"], "--epochs must be >= 0"),
     (["--n_adapt", "8", "0"], "--n_adapt must be > 0"), (["--batch_size", "0"], "--batch_size must be > 0"),
     (["--ema", "1.5"], "--ema must be in [0, 1)"), (["--meta_batch", "0"], "--meta_batch must be > 0"),
-    (["--support", "last"], "--support"), (["--tent_lr", "0"], "--tent_lr must be > 0"), (["--num_workers", "-1"], "--num_workers must be >= 0")])
+    (["--support", "last"], "--support"), (["--tent_lr", "0"], "--tent_lr must be > 0"),
+    (["--num_workers", "-1"], "--num_workers must be >= 0")])
 def test_bad_flags_fail_with_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:
         mabn.parse_args(argv)
@@ -1311,6 +1323,11 @@ def speed(tiny=False, extra=(), backbone=None, log=print):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["--speed"]:
-        sys.exit("usage: python test_mabn.py --speed [--tiny] [mabn.py flags]  (tests: python -m pytest test_mabn.py)")
-    speed(tiny="--tiny" in sys.argv, extra=[a for a in sys.argv[2:] if a != "--tiny"])
+    if sys.argv[1:2] == ["--gain-shift"]:
+        torch.set_num_threads(1)  # as the learning check
+        mabn.main(*gain_shift(sys.argv[2:]))
+    elif sys.argv[1:2] == ["--speed"]:
+        speed(tiny="--tiny" in sys.argv, extra=[a for a in sys.argv[2:] if a != "--tiny"])
+    else:
+        sys.exit("usage: python test_mabn.py --speed [--tiny] | --gain-shift [mabn.py flags]  (tests: python -m pytest "
+                 "test_mabn.py)")
