@@ -183,9 +183,10 @@ def tent_forward_and_adapt(model, params, leaves, opt, x):
     with torch.enable_grad():
         logits = functional_call(model, {**params, **leaves}, (x,))
         entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
-        entropy.backward()
+        grads = torch.autograd.grad(entropy, list(leaves.values()))  # nothing else gets a gradient
+    for leaf, grad in zip(leaves.values(), grads):
+        leaf.grad = grad
     opt.step()
-    opt.zero_grad(set_to_none=True)
     return logits.detach()
 
 # The rows of stage 3: (the model a row starts from: after stage 1, meta-trained, or meta-trained with alpha = 0; its BN
@@ -217,12 +218,12 @@ def row_params(row, model, target, phis, frozen, support_x, augment_fn, args):
     (k, C, H, W): MABN's step (Eq. 3) taken; TENT's rows go on to adapt online on each test batch (evaluate)."""
     start, stats, rule = ROWS[row]
     phi = phis[start]
-    if stats == "support":
+    if stats == "support" or (stats == "batch" and rule == "mabn+tent"):  # MABN's "update BN", before TENT's
         frozen = {**frozen, **reestimate_bn_stats(model, {**frozen, **phi}, support_x)}
-    if stats == "batch":
-        frozen = batch_statistics(frozen)
     if rule in ("mabn", "mabn+tent", "unmatched"):
         phi = adapt_domain(model, phi, frozen, target, support_x, augment_fn, args.inner_lr, args.inner_steps)
+    if stats == "batch":  # TENT's "update BN" from here on: every test batch normalised with its own statistics
+        frozen = batch_statistics(frozen)
     return {**frozen, **{k: v.detach() for k, v in phi.items()}}
 
 # --- Data and backbones. A split: dataset[i] -> (x, y, ...), domains[i] = the domain of item i ------------------------
@@ -487,8 +488,9 @@ def evaluate(model, target, phis, data, split, rows, ks, args, device, log=print
     outputs = {name: torch.cat(out).cpu()[inverse] for name, out in outputs.items()}
     results = {name: data["evaluate"](split, outputs[name], torch.cat(labels)[inverse]) for name in names}
     for name, plain in adapting.items():  # what adaptation changed: ||phi~ - phi|| / ||phi||, and the predictions
-        start = torch.cat([v.flatten() for v in phis[ROWS[plain][0]].values()])
-        results[name]["phi_shift"] = {d: ((torch.cat([v.flatten() for v in phi.values()]) - start).norm() /
+        seen = [k for k in phis[ROWS[plain][0]] if k.startswith("backbone.")]  # the part of phi predictions use
+        start = torch.cat([phis[ROWS[plain][0]][k].flatten() for k in seen])
+        results[name]["phi_shift"] = {d: ((torch.cat([phi[k].flatten() for k in seen]) - start).norm() /
                                           start.norm()).item() for d, phi in adapted_phi[name].items()}
         if data["task"] == "classification":
             changed = (outputs[name].argmax(-1) != outputs[plain].argmax(-1)).float()
@@ -501,7 +503,7 @@ STAGE_FLAGS = {1: ("dataset", "seed", "epochs", "batch_size", "lr", "lr_decay_ep
                    "first_order", "support")}
 
 def stage_flags(args, stage):  # the flags a stage's checkpoint depends on; stage 2 also on the k it selects with
-    flags = {k: getattr(args, k) for s in range(1, stage + 1) for k in STAGE_FLAGS[s]}
+    flags = {"format": 2, **{k: getattr(args, k) for s in range(1, stage + 1) for k in STAGE_FLAGS[s]}}
     return {**flags, "val_n_adapt": args.n_adapt[0]} if stage == 2 else flags
 
 def save_atomic(obj, path):  # a temporary file renamed over path: a crash leaves the old file or the new, never half
@@ -654,7 +656,7 @@ def choose_lrs(model, target, data, args, device, log):
     stage-2 checkpoint of its own. -> {inner_lr, outer_lr, candidates}; the model's phi is stage 1's on return."""
     t0 = time.time()
     stage1_phi = clone_phi(model)
-    n_steps = min(args.pilot_steps, args.max_steps or args.pilot_steps)
+    n_steps = args.pilot_steps if args.max_steps is None else min(args.pilot_steps, args.max_steps)
     n_epochs = math.ceil(n_steps / meta_steps_per_epoch(data["splits"]["train"], args))
     scores = {}
 
@@ -816,6 +818,9 @@ def main(args, data=None):
     metric, mean ± std over seeds. `data` (as load_data returns it) replaces --dataset's data."""
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed training shapes: let cuDNN pick its fastest
+    t0 = time.time()
+    data = load_data(args) if data is None else data  # missing data stops here, before anything is written
+    data_s = time.time() - t0
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         log_file = open(os.path.join(args.out_dir, "log.txt"), "a")
@@ -827,9 +832,7 @@ def main(args, data=None):
         log_file.write(msg + "\n")
         log_file.flush()
     log("flags: " + json.dumps(vars(args), sort_keys=True))
-    t0 = time.time()
-    data = load_data(args) if data is None else data
-    log(f"data ({time.time() - t0:.1f} s): " + ", ".join(f"{name} {len(split.domains)} images in {len(split.by_domain)}"
+    log(f"data ({data_s:.1f} s): " + ", ".join(f"{name} {len(split.domains)} images in {len(split.by_domain)}"
                                                         f" domains" for name, split in data["splits"].items()))
     per_seed = []
     for seed in args.seeds:

@@ -16,6 +16,16 @@ import mabn
 NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Every test on one CPU thread: on a machine with other work running, torch's default threads made the suite up
+    to 10x slower, and one thread gives every test the same summation order on any machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(seed=0, width=4, n_outputs=3, model_cls=mabn.MABNNet, make_target=mabn.make_target):
     torch.manual_seed(seed)
     backbone = nn.Sequential(mabn.normalizer(NORM, 3), mabn.build_backbone("small_resnet", 3, width=width)[0])
@@ -164,343 +174,7 @@ def test_method_block_alone_steps_adapts_and_matches_the_pipeline(tmp_path, monk
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Stages 2 and 3 touch only the BN affine parameters; the meta-gradient is the true one
-# ----------------------------------------------------------------------------------------------------------
-def test_adapt_domain_changes_only_bn_affine():
-    model, target = trained_bn(*tiny_model())
-    before, target_before = snapshot(model), snapshot(target)
-    phi, frozen = mabn.split_params(model)
-    adapted = mabn.adapt_domain(model, phi, frozen, target, torch.rand(8, 3, 8, 8), jitter_aug(), inner_lr=0.5, steps=2)
-    assert set(adapted) == set(phi) and any("backbone" in k for k in adapted) and any("projector" in k for k in adapted)
-    assert all(k.endswith((".weight", ".bias")) for k in phi) and not any(k.startswith("head.") for k in phi)
-    assert any(not torch.equal(adapted[k], phi[k]) for k in adapted)  # it did adapt something
-    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())  # weights, statistics, affine
-    assert all(torch.equal(v, target_before[k]) for k, v in snapshot(target).items())
-    assert all(not v.requires_grad for v in adapted.values())
-
-
-def test_stage2_changes_only_bn_affine(tmp_path):
-    args = tiny_args(tmp_path, "--max_steps", "3", "--outer_lr", "0.05")
-    os.makedirs(args.out_dir)
-    model, target = tiny_model()
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(16, 3, 8, 8), aux=True)  # running statistics away from their initial values
-    before = snapshot(model)
-    out = mabn.train(2, model, target, make_synthetic(), args, torch.device("cpu"), lambda msg: None)
-    assert out["steps"] == 3
-    changed = {k for k, v in snapshot(model).items() if not torch.equal(v, before[k])}
-    assert changed and changed <= set(mabn.split_params(model)[0])
-    assert any(k.endswith("running_mean") for k in before)  # the statistics were compared too
-
-
-def test_functional_call_matches_module():
-    model, _ = trained_bn(*tiny_model())
-    phi, frozen = mabn.split_params(model)
-    x = torch.rand(5, 3, 8, 8)
-    with torch.no_grad():
-        logits, pred = model(x, aux=True)
-        f_logits, f_pred = functional_call(model, {**frozen, **phi}, (x,), {"aux": True})
-    assert torch.equal(logits, f_logits) and torch.equal(pred, f_pred)
-    shifted = {k: v + 1.0 for k, v in phi.items()}  # and the tensors passed in are really the ones used
-    assert not torch.allclose(mabn.predict(model, {**frozen, **shifted}, x), logits)
-
-
-def test_meta_gradient_matches_finite_differences():
-    model, target = trained_bn(*tiny_model(width=2))
-    model.double()
-    target.double()
-    phi, frozen = mabn.split_params(model)
-    phi = {k: v.detach().clone().requires_grad_(True) for k, v in phi.items()}
-    gen = torch.Generator().manual_seed(1)
-    support_x, query_x = (torch.rand(6, 3, 8, 8, generator=gen, dtype=torch.float64) for _ in range(2))
-    query_y = torch.randint(0, 3, (6,), generator=gen)
-
-    def loss_at(p, first_order=False):
-        return mabn.meta_loss(model, p, frozen, target, support_x, query_x, query_y, fixed_aug, inner_lr=0.5,
-                              inner_steps=2, first_order=first_order)[0]
-
-    flat, flat_fo = flat_grad(loss_at(phi), phi), flat_grad(loss_at(phi, True), phi)
-    coords = [(k, i) for k, v in phi.items() for i in range(v.numel())]
-    coords = [coords[j] for j in torch.randperm(len(coords), generator=gen)[:40]]  # 40 random coordinates
-    numeric, eps = [], 1e-6
-    for k, i in coords:
-        delta = torch.zeros(phi[k].numel(), dtype=torch.float64)
-        delta[i] = eps
-        moved = [{**phi, k: (phi[k].detach().flatten() + sign * delta).view_as(phi[k])} for sign in (1, -1)]
-        moved = [{n: t.detach().requires_grad_(True) for n, t in m.items()} for m in moved]
-        numeric.append((loss_at(moved[0]) - loss_at(moved[1])).detach() / (2 * eps))
-    offsets = dict(zip(phi, torch.tensor([0] + [v.numel() for v in phi.values()]).cumsum(0).tolist()))
-    picked = torch.tensor([offsets[k] + i for k, i in coords])
-    assert torch.allclose(flat[picked], torch.stack(numeric), rtol=1e-4, atol=1e-7)
-    assert not torch.allclose(flat_fo[picked], torch.stack(numeric), rtol=1e-2, atol=1e-5)  # first order drops a term
-
-
-def test_meta_batches_of_distinct_uniform_domains_each_with_disjoint_support_and_query(tmp_path):
-    domains = torch.tensor([0] * 60 + [1] * 10 + [2] * 5 + [3])
-    index = torch.arange(len(domains))  # each image is its own index, to read back which images an episode took
-    split = mabn.Split(torch.utils.data.TensorDataset(index.float().view(-1, 1, 1, 1), index), domains, "train")
-    args = tiny_args(tmp_path, "--n_support", "8", "--n_query", "6", "--meta_batch", "2")
-    counts = {0: 0, 1: 0, 2: 0}
-    for meta_batch in mabn.meta_batches(split, args, torch.device("cpu"), 600, torch.Generator().manual_seed(0)):
-        drawn = []
-        for support_x, query_x, query_y in meta_batch:  # Alg. 1: B = 2 episodes per outer step
-            support, query = support_x.flatten().long().tolist(), query_x.flatten().long().tolist()
-            assert query == query_y.tolist()  # the query's labels are its own images'
-            d = int(domains[support[0]])
-            size = min(14, {0: 60, 1: 10, 2: 5}[d])  # smaller domains give all they have
-            assert len(set(support + query)) == len(support + query) == size  # support and query disjoint
-            assert len(support) == round(size * 8 / 14) and {int(domains[i]) for i in support + query} == {d}
-            drawn.append(d)
-            counts[d] += 1
-        assert len(drawn) == 2 and drawn[0] != drawn[1]  # distinct domains
-    # uniform over the domains (each in 2 of 3 steps: 400), not in proportion to their size (domain 0: ~580)
-    assert sum(counts.values()) == 1200 and all(abs(n - 400) < 60 for n in counts.values()), counts
-    args.meta_batch = 5  # more than the 3 domains with two images or more (domain 3 is skipped): B is capped
-    assert [len(b) for b in mabn.meta_batches(split, args, torch.device("cpu"), 4, torch.Generator())] == [3] * 4
-
-
-def test_byol_loss_target_and_ema():
-    p = torch.randn(4, 8)
-    assert torch.allclose(mabn.byol_loss(p, 3 * p), torch.zeros(4), atol=1e-6)
-    assert torch.allclose(mabn.byol_loss(p, -p), torch.full((4,), 4.0), atol=1e-6)
-    model, target = tiny_model()
-    _, aux = mabn.joint_losses(model, None, target, torch.rand(6, 3, 8, 8), None, jitter_aug())
-    aux.backward()
-    assert all(q.grad is None for q in target.parameters())
-    assert any(q.grad is not None for q in model.backbone.parameters())
-    with torch.no_grad():
-        for q in model.parameters():
-            q.add_(torch.randn_like(q))
-    old = snapshot(target)
-    online = dict(model.backbone.named_parameters(prefix="0"))
-    online.update(model.projector.named_parameters(prefix="1"))
-    mabn.ema_update(target, model, tau=0.9)
-    for name, q in target.named_parameters():
-        assert torch.allclose(q - old[name], 0.1 * (online[name] - old[name]), atol=1e-6)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Stage 3 and the rows of the paper's analyses
-# ----------------------------------------------------------------------------------------------------------
-def phis_of(model):
-    phi = mabn.split_params(model)[0]
-    return {"stage1": {k: v + 0.05 for k, v in phi.items()}, "meta": phi,
-            "meta0": {k: v - 0.05 for k, v in phi.items()}}
-
-
-def test_prediction_never_runs_aux_branch(tmp_path):
-    data = make_synthetic()
-    model, target = trained_bn(*tiny_model())
-    args = tiny_args(tmp_path, "--n_adapt", "4", "--eval_batch_size", "5", "--inner_steps", "2")
-    calls = {"projector": 0, "predictor": 0}
-    for name in calls:
-        getattr(model, name).register_forward_hook(lambda *a, name=name: calls.update({name: calls[name] + 1}))
-    phis, cpu = phis_of(model), torch.device("cpu")
-    mabn.evaluate(model, target, phis, data, data["splits"]["test"], ["none", "stage1", "bn_stats"], [4], args, cpu)
-    assert calls == {"projector": 0, "predictor": 0}
-    mabn.evaluate(model, target, phis, data, data["splits"]["test"], ["mabn"], [4], args, cpu)
-    n_steps = len(data["splits"]["test"].by_domain) * args.inner_steps  # one online forward per inner step
-    assert calls == {"projector": n_steps, "predictor": n_steps}
-
-
-def test_domains_adapt_independently():
-    model, target = trained_bn(*tiny_model())
-    phi, frozen = mabn.split_params(model)
-    x_a, x_b = torch.rand(8, 3, 8, 8), 2 * torch.rand(8, 3, 8, 8) - 0.5
-
-    def adapt(x):
-        return mabn.adapt_domain(model, phi, frozen, target, x, jitter_aug(0), 0.5, 1)
-
-    b_alone = adapt(x_b)
-    a = adapt(x_a)
-    assert any(not torch.allclose(a[k], b_alone[k]) for k in a)
-    assert all(torch.equal(b_alone[k], adapt(x_b)[k]) for k in a)
-
-
-def test_support_sets_are_drawn_per_seed_and_domain_or_first_k_on_request(tmp_path):
-    split = make_synthetic(per_domain=30)["splits"]["test"]
-    args = tiny_args(tmp_path)
-    drawn = mabn.support_sets(split, 8, args)
-    assert drawn == mabn.support_sets(split, 8, args)  # a seeded draw
-    positions = []
-    for d, idx in split.by_domain.items():
-        assert len(set(drawn[d])) == 8 and set(drawn[d]) <= set(idx)
-        positions.append([idx.index(i) for i in drawn[d]])
-    assert positions[0] != [0, 1, 2, 3, 4, 5, 6, 7] and positions[0] != positions[1]  # random, each domain its own
-    args.seed = 1
-    assert all(drawn[d] != other for d, other in mabn.support_sets(split, 8, args).items())  # another seed
-    args.support = "first"  # Meta-DMoE's protocol
-    assert mabn.support_sets(split, 8, args) == {d: idx[:8] for d, idx in split.by_domain.items()}
-
-
-def test_every_row_runs_on_the_same_support_sets(tmp_path, monkeypatch):
-    data = make_synthetic()
-    used = []  # (function, support set) for every adaptation
-
-    def recording(name, position):  # mabn.<name>, noting its support-set argument at each call
-        real = getattr(mabn, name)
-
-        def wrapper(*a, **kw):
-            used.append((name, a[position]))
-            return real(*a, **kw)
-        monkeypatch.setattr(mabn, name, wrapper)
-
-    for name, position in (("adapt_domain", 4), ("reestimate_bn_stats", 2)):
-        recording(name, position)
-    args = tiny_args(tmp_path, "--methods", "all", "--n_adapt", "8", "4", "--seeds", "0", "1", "--epochs", "1",
-                     "--meta_epochs", "1")
-    out = mabn.main(args, data)
-    with_k = [r for r in mabn.ROWS if mabn.sees_support(r)]
-    assert set(with_k) == {"bn_stats", "no_meta", "mabn", "mabn_bn", "mabn_tent_bn", "mabn_tent_affine",
-                           "mabn_unmatched"}
-    for result in out["per_seed"]:
-        assert set(result["target"]) == set(mabn.ROWS) - set(with_k) | {f"{r}@{k}" for r in with_k for k in (8, 4)}
-    test = data["splits"]["test"]
-    expected = {}  # (seed, k, domain) -> the images of its support set
-    for seed in (0, 1):
-        args.seed = seed
-        for d, idx in mabn.support_sets(test, 8, args).items():
-            for k in (4, 8):
-                expected[seed, k, d] = test.dataset.tensors[0][idx[:k]]  # nested: k = 4 takes the first 4 of 8
-    seen = {name: set() for name, _ in used}
-    for name, support_x in used:
-        seen[name] |= {key for key, x in expected.items() if x.shape == support_x.shape and torch.equal(x, support_x)}
-    assert all(s == set(expected) for s in seen.values()), seen
-
-
-def test_one_pass_for_all_rows_equals_one_pass_each(tmp_path):
-    data = make_synthetic(per_domain=30)
-    model, target = trained_bn(*tiny_model())
-    args = tiny_args(tmp_path, "--eval_batch_size", "7", "--n_adapt", "5")
-    split, cpu, phis = data["splits"]["test"], torch.device("cpu"), phis_of(model)
-    together = mabn.evaluate(model, target, phis, data, split, list(mabn.ROWS), [5], args, cpu)
-    for row in mabn.ROWS:  # (with the row it compares with for "changed")
-        plain = mabn.UNADAPTED[mabn.ROWS[row][0]]
-        assert mabn.evaluate(model, target, phis, data, split, [row, plain], [5], args, cpu)[row] == together[row], row
-    assert together["mabn_tent_bn"] != together["mabn"] != together["none"]
-
-
-def test_unmatched_uses_another_domains_adaptation(tmp_path, monkeypatch):
-    data = make_synthetic()
-    model, target = trained_bn(*tiny_model())
-    made = []  # (row, the tensors it predicts a domain with), domain after domain
-    real_row_params = mabn.row_params
-
-    def recording(row, *args):
-        params = real_row_params(row, *args)
-        made.append((row, params))
-        return params
-
-    monkeypatch.setattr(mabn, "row_params", recording)
-    mabn.evaluate(model, target, phis_of(model), data, data["splits"]["test"], ["mabn", "mabn_unmatched"], [6],
-                  tiny_args(tmp_path), torch.device("cpu"))
-    matched = [p for row, p in made if row == "mabn"]
-    unmatched = [p for row, p in made if row == "mabn_unmatched"]
-    phi_names, n = list(mabn.split_params(model)[0]), len(matched)
-    assert n == len(unmatched) == 3
-    for d in range(n):  # domain d is predicted with the phi~ of domain d + 1 (cyclically): another domain's, exactly
-        assert all(torch.equal(unmatched[d][k], matched[(d + 1) % n][k]) for k in phi_names)
-        assert not all(torch.equal(unmatched[d][k], matched[d][k]) for k in phi_names)
-
-
-def test_reestimated_statistics_are_the_support_sets():
-    model, _ = trained_bn(*tiny_model())
-    phi, frozen = mabn.split_params(model)
-    support_x = torch.rand(8, 3, 8, 8) * 3
-    stats = mabn.reestimate_bn_stats(model, {**frozen, **phi}, support_x)
-    bn_names = [n for n, m in model.backbone.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    assert set(stats) == {f"backbone.{n}.{b}" for n in bn_names for b in ("running_mean", "running_var")}
-    first_in = model.backbone[1][0](model.backbone[0](support_x))  # the first conv's output: (8, C, 8, 8)
-    assert torch.allclose(stats["backbone.1.1.running_mean"], first_in.mean((0, 2, 3)), atol=1e-5)
-    assert torch.allclose(stats["backbone.1.1.running_var"], first_in.var((0, 2, 3)), atol=1e-5)
-    assert not torch.allclose(stats["backbone.1.1.running_mean"], frozen["backbone.1.1.running_mean"])
-
-
-def test_tent_is_online_entropy_minimisation_on_the_backbone_affine():
-    model, _ = trained_bn(*tiny_model())
-    phi, frozen = mabn.split_params(model)
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.rand(8, 3, 8, 8, generator=gen), 2 * torch.rand(5, 3, 8, 8, generator=gen)]
-    before = snapshot(model)
-    leaves, opt = mabn.tent_setup(phi)  # TENT's code defaults: Adam, lr 1e-3, betas (0.9, 0.999)
-    assert set(leaves) == {k for k in phi if k.startswith("backbone.")}
-    hand = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
-    hand_opt = torch.optim.Adam(list(hand.values()), 1e-3, betas=(0.9, 0.999))
-    for x in batches:  # by hand: predict the batch, then one step on its mean prediction entropy
-        logits = functional_call(model, {**frozen, **phi, **hand}, (x,))
-        outputs = mabn.tent_forward_and_adapt(model, {**frozen, **phi}, leaves, opt, x)
-        assert torch.allclose(outputs, logits, atol=1e-6)  # the prediction comes before the step
-        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
-        entropy.backward()
-        hand_opt.step()
-        hand_opt.zero_grad()
-        assert all(torch.allclose(leaves[k], hand[k], atol=1e-6) for k in hand)
-    assert not all(torch.equal(leaves[k], phi[k]) for k in leaves)  # online: it moved, batch after batch
-    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
-
-
-def test_batch_statistics_normalise_every_layer_with_the_batchs_own():
-    model, _ = trained_bn(*tiny_model())
-    params = {**mabn.split_params(model)[1], **mabn.split_params(model)[0]}
-    x = 3 * torch.rand(6, 3, 8, 8)
-    reference = copy.deepcopy(model)  # every backbone BN in training mode, running averages off: batch statistics
-    for m in reference.backbone.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.train()
-            m.momentum = None
-            m.reset_running_stats()
-    before = snapshot(model)
-    batch = mabn.predict(model, mabn.batch_statistics(params), x)
-    with torch.no_grad():
-        expected = reference(x)
-    assert torch.allclose(batch, expected, atol=1e-5)
-    assert not torch.allclose(batch, mabn.predict(model, params, x), atol=1e-3)  # with the source statistics
-    stats = mabn.reestimate_bn_stats(model, params, x)  # Table 4's "update BN" for MABN
-    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules())
-    assert len(stats) == 2 * n_bn == 18
-    for name, m in reference.backbone.named_modules():  # momentum None: the running buffers hold this batch's
-        if isinstance(m, nn.BatchNorm2d):
-            assert torch.allclose(stats[f"backbone.{name}.running_mean"], m.running_mean, atol=1e-5), name
-            assert torch.allclose(stats[f"backbone.{name}.running_var"], m.running_var, atol=1e-4), name
-    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
-
-
-def test_tent_rows_adapt_per_test_batch_from_their_start_and_reset_for_every_domain(tmp_path, monkeypatch):
-    data = make_synthetic(per_domain=30)
-    model, target = trained_bn(*tiny_model())
-    phis = phis_of(model)
-    calls, made = [], []
-    real_tent, real_row_params = mabn.tent_forward_and_adapt, mabn.row_params
-
-    def tent(model, params, leaves, opt, x):
-        calls.append(({k: v.detach().clone() for k, v in leaves.items()}, len(x)))
-        return real_tent(model, params, leaves, opt, x)
-
-    def row_params(row, *args):
-        made.append((row, real_row_params(row, *args)))
-        return made[-1][1]
-
-    monkeypatch.setattr(mabn, "tent_forward_and_adapt", tent)
-    monkeypatch.setattr(mabn, "row_params", row_params)
-    args = tiny_args(tmp_path, "--eval_batch_size", "7", "--n_adapt", "5")
-    for row, start in (("mabn_tent_affine", None), ("tent_bn", "stage1")):
-        calls.clear()
-        made.clear()
-        mabn.evaluate(model, target, phis, data, data["splits"]["test"], [row], [5], args, torch.device("cpu"))
-        assert [n for _, n in calls] == [7, 7, 7, 7, 2] * 3  # every test batch of the 3 domains, in order
-        made_here = [params for name, params in made if name == row]
-        for d in range(3):
-            first, second = calls[5 * d][0], calls[5 * d + 1][0]
-            begin = phis[start] if start else made_here[d]  # TENT from stage 1, or from the domain's phi~ (MABN first)
-            assert all(torch.equal(first[k], begin[k]) for k in first)  # reset for every domain
-            assert not all(torch.equal(first[k], second[k]) for k in first)  # online within the domain
-        if start is None:
-            assert not all(torch.equal(made_here[0][k], phis["meta"][k]) for k in calls[0][0])  # phi~, not phi
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The method's arithmetic against the paper's equations written out by hand (plain torch, no mabn loss function)
+# The method against the paper's equations written out by hand (plain torch, no mabn loss function)
 # ----------------------------------------------------------------------------------------------------------
 def scripted(*views):
     """An augment_fn that returns the given views in order: every view a test computes with is known."""
@@ -607,6 +281,36 @@ def test_eq4_objective_gradient_and_meta_step_by_hand():
     assert torch.allclose(moved, -0.05 * hand_grad, atol=1e-6)  # Eq. (4): phi - beta d objective / d phi
 
 
+def test_meta_gradient_matches_finite_differences():
+    model, target = trained_bn(*tiny_model(width=2))
+    model.double()
+    target.double()
+    phi, frozen = mabn.split_params(model)
+    phi = {k: v.detach().clone().requires_grad_(True) for k, v in phi.items()}
+    gen = torch.Generator().manual_seed(1)
+    support_x, query_x = (torch.rand(6, 3, 8, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    query_y = torch.randint(0, 3, (6,), generator=gen)
+
+    def loss_at(p, first_order=False):
+        return mabn.meta_loss(model, p, frozen, target, support_x, query_x, query_y, fixed_aug, inner_lr=0.5,
+                              inner_steps=2, first_order=first_order)[0]
+
+    flat, flat_fo = flat_grad(loss_at(phi), phi), flat_grad(loss_at(phi, True), phi)
+    coords = [(k, i) for k, v in phi.items() for i in range(v.numel())]
+    coords = [coords[j] for j in torch.randperm(len(coords), generator=gen)[:40]]  # 40 random coordinates
+    numeric, eps = [], 1e-6
+    for k, i in coords:
+        delta = torch.zeros(phi[k].numel(), dtype=torch.float64)
+        delta[i] = eps
+        moved = [{**phi, k: (phi[k].detach().flatten() + sign * delta).view_as(phi[k])} for sign in (1, -1)]
+        moved = [{n: t.detach().requires_grad_(True) for n, t in m.items()} for m in moved]
+        numeric.append((loss_at(moved[0]) - loss_at(moved[1])).detach() / (2 * eps))
+    offsets = dict(zip(phi, torch.tensor([0] + [v.numel() for v in phi.values()]).cumsum(0).tolist()))
+    picked = torch.tensor([offsets[k] + i for k, i in coords])
+    assert torch.allclose(flat[picked], torch.stack(numeric), rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(flat_fo[picked], torch.stack(numeric), rtol=1e-2, atol=1e-5)  # first order drops a term
+
+
 def test_regression_main_loss_by_hand():
     """PovertyMap is a regression: L_main is the mean squared error of the single output wherever it is computed."""
     model, target = trained_bn(*tiny_model(n_outputs=1))
@@ -634,6 +338,26 @@ def test_regression_main_loss_by_hand():
         assert torch.allclose(p.detach(), before[k] - 0.1 * (g if g is not None else 0), atol=1e-6), k
 
 
+def test_byol_loss_target_and_ema():
+    p = torch.randn(4, 8)
+    assert torch.allclose(mabn.byol_loss(p, 3 * p), torch.zeros(4), atol=1e-6)
+    assert torch.allclose(mabn.byol_loss(p, -p), torch.full((4,), 4.0), atol=1e-6)
+    model, target = tiny_model()
+    _, aux = mabn.joint_losses(model, None, target, torch.rand(6, 3, 8, 8), None, jitter_aug())
+    aux.backward()
+    assert all(q.grad is None for q in target.parameters())
+    assert any(q.grad is not None for q in model.backbone.parameters())
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(torch.randn_like(q))
+    old = snapshot(target)
+    online = dict(model.backbone.named_parameters(prefix="0"))
+    online.update(model.projector.named_parameters(prefix="1"))
+    mabn.ema_update(target, model, tau=0.9)
+    for name, q in target.named_parameters():
+        assert torch.allclose(q - old[name], 0.1 * (online[name] - old[name]), atol=1e-6)
+
+
 def test_model_pieces_are_the_papers():
     """METHOD.md's model: BYOL's MLPs are Linear -> BN -> ReLU -> Linear, 4096 -> 256 wide by default; the target is
     gradient-free; phi is the weight and the bias of every BatchNorm, and nothing else."""
@@ -654,8 +378,20 @@ def test_model_pieces_are_the_papers():
     assert calls == [10]
 
 
+def test_functional_call_matches_module():
+    model, _ = trained_bn(*tiny_model())
+    phi, frozen = mabn.split_params(model)
+    x = torch.rand(5, 3, 8, 8)
+    with torch.no_grad():
+        logits, pred = model(x, aux=True)
+        f_logits, f_pred = functional_call(model, {**frozen, **phi}, (x,), {"aux": True})
+    assert torch.equal(logits, f_logits) and torch.equal(pred, f_pred)
+    shifted = {k: v + 1.0 for k, v in phi.items()}  # and the tensors passed in are really the ones used
+    assert not torch.allclose(mabn.predict(model, {**frozen, **shifted}, x), logits)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# The training schedule, model selection and resume, on a validation sequence under the test's control
+# Stage 1, and model selection and resume in both stages, on a validation sequence under the test's control
 # ----------------------------------------------------------------------------------------------------------
 def test_stage1_learning_rate_halves_from_lr_decay_epoch(tmp_path, monkeypatch):
     lrs = []
@@ -696,176 +432,86 @@ def final_checkpoints(out_dir, key="model"):
 
 
 def test_model_selection_keeps_the_best_epoch_and_resume_restores_it(tmp_path, monkeypatch):
-    data, scores = make_synthetic(), {1: [0.5, 0.9, 0.2], 2: [0.3, 0.8, 0.1]}
+    """Four epochs a stage, the third scoring best: model selection keeps it (and stage 1's BYOL target of it); a run
+    killed after the second epoch's checkpoint resumes into that best third epoch, whose state depends on the
+    restored Adam state and random generators, and ends with the uninterrupted run's final checkpoints."""
+    data, scores = make_synthetic(), {1: [0.5, 0.8, 0.9, 0.2], 2: [0.3, 0.8, 0.9, 0.1]}
     states, targets = {1: [], 2: []}, {1: [], 2: []}
     scripted_validation(monkeypatch, scores, states, targets=targets)
-    args = tiny_args(tmp_path, "--epochs", "3", "--meta_epochs", "3", "--out_dir", str(tmp_path / "whole"))
+    epochs = ["--epochs", "4", "--meta_epochs", "4"]
+    args = tiny_args(tmp_path, *epochs, "--out_dir", str(tmp_path / "whole"))
     mabn.main(args, data)
     stage1, stage2 = final_checkpoints(args.out_dir)
-    assert all(torch.equal(stage1[k], states[1][1][k]) for k in stage1)  # epoch 2 of stage 1 scored best
+    assert all(torch.equal(stage1[k], states[1][2][k]) for k in stage1)  # epoch 3 of stage 1 scored best
+    assert not all(torch.equal(stage1[k], states[1][3][k]) for k in stage1)  # the last epoch was not the best
     target1 = final_checkpoints(args.out_dir, "target")[0]  # and its BYOL target is kept with it, not the last one
-    assert all(torch.equal(target1[k], targets[1][1][k]) for k in target1)
-    assert not all(torch.equal(target1[k], targets[1][2][k]) for k in target1)
+    assert all(torch.equal(target1[k], targets[1][2][k]) for k in target1)
+    assert not all(torch.equal(target1[k], targets[1][3][k]) for k in target1)
     phi_names = set(mabn.split_params(tiny_model()[0])[0])
-    assert all(torch.equal(stage2[k], states[2][1][k] if k in phi_names else stage1[k]) for k in stage2)
-    assert not all(torch.equal(stage1[k], states[1][2][k]) for k in stage1)  # the last epoch was not the best
-    for stage, killed_after in ((1, 2), (2, 2)):  # die after an epoch's checkpoint, rerun: the same final models
+    assert all(torch.equal(stage2[k], states[2][2][k] if k in phi_names else stage1[k]) for k in stage2)
+    assert not all(torch.equal(stage2[k], states[2][3][k]) for k in phi_names)
+    for stage in (1, 2):  # die after the second epoch's checkpoint of this stage, rerun: the same final models
         real_save, saves = mabn.save_atomic, []
 
         def save_then_die(obj, path):
             real_save(obj, path)
             saves.append(obj.get("stage") if isinstance(obj, dict) else None)
-            if saves.count(stage) == killed_after and obj.get("done") is False:
+            if saves.count(stage) == 2 and obj.get("done") is False:
                 raise KeyboardInterrupt
 
         out = str(tmp_path / f"killed{stage}")
         scripted_validation(monkeypatch, scores, {1: [], 2: []})
         monkeypatch.setattr(mabn, "save_atomic", save_then_die)
         with pytest.raises(KeyboardInterrupt):
-            mabn.main(tiny_args(tmp_path, "--epochs", "3", "--meta_epochs", "3", "--out_dir", out), data)
+            mabn.main(tiny_args(tmp_path, *epochs, "--out_dir", out), data)
         monkeypatch.setattr(mabn, "save_atomic", real_save)
-        scripted_validation(monkeypatch, scores, {1: [], 2: []}, first_epoch={1: 2 if stage == 1 else 3, 2: 2 if
-                                                                                  stage == 2 else 0})
-        mabn.main(tiny_args(tmp_path, "--epochs", "3", "--meta_epochs", "3", "--out_dir", out), data)
+        resumed_from = {1: 2, 2: 0} if stage == 1 else {1: 4, 2: 2}  # the epochs the rerun still validates
+        scripted_validation(monkeypatch, scores, {1: [], 2: []}, first_epoch=resumed_from)
+        mabn.main(tiny_args(tmp_path, *epochs, "--out_dir", out), data)
         for whole, resumed in zip((stage1, stage2), final_checkpoints(out)):
             assert all(torch.equal(whole[k], resumed[k]) for k in whole), stage
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Reported metrics and the rows of the analyses
+# Stage 2: only the BN affine moves; Algorithm 1's meta batches; the pilot for alpha and delta; the control row
 # ----------------------------------------------------------------------------------------------------------
-def test_domain_metrics_by_hand():
-    outputs = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0], [1.0, 0.0], [1.0, 2.0]])  # predicts 010101
-    labels = torch.tensor([0, 0, 0, 1, 1, 1])
-    domains = torch.tensor([7, 7, 7, 7, 9, 9])  # domain 7: 3 of 4 right; domain 9: 1 of 2
-    metrics = mabn.domain_metrics(outputs, labels, domains)
-    assert metrics == {"acc_avg": pytest.approx(4 / 6), "acc_wg": 0.5, "per_domain": {7: 0.75, 9: 0.5}}  # pooled
-    mse = mabn.domain_metrics(torch.tensor([[1.0], [2.0], [4.0]]), torch.tensor([1.0, 0.0, 1.0]),
-                              torch.tensor([0, 0, 3]), task="regression")
-    assert mse == {"per_domain": {0: 2.0, 3: 9.0}}
+def test_stage2_changes_only_bn_affine(tmp_path):
+    args = tiny_args(tmp_path, "--max_steps", "3", "--outer_lr", "0.05")
+    os.makedirs(args.out_dir)
+    model, target = tiny_model()
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(16, 3, 8, 8), aux=True)  # running statistics away from their initial values
+    before = snapshot(model)
+    out = mabn.train(2, model, target, make_synthetic(), args, torch.device("cpu"), lambda msg: None)
+    assert out["steps"] == 3
+    changed = {k for k, v in snapshot(model).items() if not torch.equal(v, before[k])}
+    assert changed and changed <= set(mabn.split_params(model)[0])
+    assert any(k.endswith("running_mean") for k in before)  # the statistics were compared too
 
 
-# What the README says each row does: (starts from, BN statistics, rule); written here, not read from mabn.ROWS.
-README_ROWS = {"stage1": ("stage1", "source", None), "bn_stats": ("stage1", "support", None),
-               "tent_bn": ("stage1", "batch", "tent"), "tent_affine": ("stage1", "source", "tent"),
-               "no_meta": ("stage1", "source", "mabn"), "no_inner": ("meta0", "source", None),
-               "none": ("meta", "source", None), "mabn": ("meta", "source", "mabn"),
-               "mabn_bn": ("meta", "support", "mabn"), "mabn_tent_bn": ("meta", "batch", "mabn+tent"),
-               "mabn_tent_affine": ("meta", "source", "mabn+tent"), "mabn_unmatched": ("meta", "source", "mabn")}
-
-
-@pytest.mark.parametrize("row", list(README_ROWS))
-def test_every_row_starts_and_adapts_as_the_readme_says(row):
-    model, target = trained_bn(*tiny_model())
-    phi, frozen = mabn.split_params(model)
-    gen = torch.Generator().manual_seed(3)
-    phis = {name: {k: v + 0.2 * torch.randn(v.shape, generator=gen) for k, v in phi.items()}
-            for name in ("stage1", "meta0")}
-    phis["meta"] = phi
-    support_x, args = 2 * torch.rand(6, 3, 8, 8, generator=gen), mabn.parse_args(["--inner_lr", "0.5"])
-    start, stats, rule = README_ROWS[row]
-    params = mabn.row_params(row, model, target, phis, frozen, support_x, fixed_aug, args)
-    assert set(mabn.ROWS) == set(README_ROWS)
-    # statistics: stage 1's, the support set's (the first BN sees the first conv's output), or none at all: "batch"
-    # rows normalise each batch with its own (test_batch_statistics_normalise_every_layer_with_the_batchs_own)
-    first_in = model.backbone[1][0](model.backbone[0](support_x))
-    if stats == "batch":
-        assert params["backbone.1.1.running_mean"] is None and params["projector.1.running_mean"] is not None
-    else:
-        expected_mean = first_in.mean((0, 2, 3)) if stats == "support" else frozen["backbone.1.1.running_mean"]
-        assert torch.allclose(params["backbone.1.1.running_mean"], expected_mean, atol=1e-5)
-    stat_names = [k for k in frozen if k.endswith(("running_mean", "running_var"))]
-    stats_used = {**frozen, **{k: params[k] for k in stat_names}}
-    # the affine: from phis[start], with MABN's step (Eq. 3) where the rule has one; TENT's rows adapt later, online
-    expected = phis[start]
-    if rule in ("mabn", "mabn+tent"):  # (unmatched: MABN's step on the support set it is given, another domain's)
-        expected = mabn.adapt_domain(model, expected, stats_used, target, support_x, fixed_aug, 0.5)
-        if stats == "batch":  # the step itself normalises with the support batch's statistics
-            source = mabn.adapt_domain(model, phis[start], frozen, target, support_x, fixed_aug, 0.5)
-            assert not all(torch.allclose(expected[k], source[k]) for k in phi)
-        assert not all(torch.equal(params[k], phis[start][k]) for k in phi)  # and the rule did move it
-    assert all(torch.equal(params[k], expected[k].detach()) for k in phi)
-
-
-def test_adaptation_is_visible_per_domain(tmp_path, monkeypatch):
-    """Every adapting row records, per target domain, ||phi~ - phi|| / ||phi|| and the share of its predictions that
-    differ from the same start's without adaptation (mabn against none, bn_stats against stage1)."""
-    data = make_synthetic(per_domain=30)
-    model, target = trained_bn(*tiny_model())
-    phis, made = phis_of(model), []
-    real_row_params = mabn.row_params
-
-    def row_params(row, *args):
-        made.append((row, real_row_params(row, *args)))
-        return made[-1][1]
-
-    monkeypatch.setattr(mabn, "row_params", row_params)
-    test = data["splits"]["test"]
-    out = mabn.evaluate(model, target, phis, data, test, ["stage1", "none", "mabn", "bn_stats"], [5],
-                        tiny_args(tmp_path, "--inner_lr", "2.0", "--n_adapt", "5"), torch.device("cpu"))
-    assert "phi_shift" not in out["none"] and "changed" not in out["stage1"]
-    x = test.dataset.tensors[0]
-    for (d, idx), (_, params) in zip(test.by_domain.items(), [p for p in made if p[0] == "mabn"]):
-        phi_d = torch.cat([params[k].flatten() for k in phis["meta"]])
-        phi = torch.cat([v.flatten() for v in phis["meta"].values()])
-        assert out["mabn"]["phi_shift"][d] == pytest.approx(((phi_d - phi).norm() / phi.norm()).item(), rel=1e-5)
-        adapted = mabn.predict(model, params, x[idx]).argmax(-1)
-        plain = mabn.predict(model, {**mabn.split_params(model)[1], **phis["meta"]}, x[idx]).argmax(-1)
-        assert out["mabn"]["changed"][d] == pytest.approx((adapted != plain).float().mean().item())
-        assert out["bn_stats"]["phi_shift"][d] == 0.0  # statistics only: phi stays
-    assert max(out["mabn"]["changed"].values()) > 0 and max(out["bn_stats"]["changed"].values()) > 0
-
-
-# ----------------------------------------------------------------------------------------------------------
-# End to end, and learning
-# ----------------------------------------------------------------------------------------------------------
-def test_main_end_to_end(tmp_path):
-    args = tiny_args(tmp_path)
-    out = mabn.main(args, make_synthetic())["per_seed"][0]
-    saved = json.load(open(os.path.join(args.out_dir, "seed0", "results.json")))
-    assert saved["stages"]["stage1"]["steps"] > 0 and saved["stages"]["stage2"]["steps"] > 0
-    assert set(saved["target"]) == {"stage1", "none", "mabn"}
-    assert len(saved["target"]["mabn"]["per_domain"]) == 3
-    assert all(saved["stages"][k]["time_s"] > 0 and saved["stages"][k]["img_per_s"] > 0
-               for k in ("stage1", "stage2", "stage3"))
-    assert saved["target"]["mabn"]["acc_avg"] == out["target"]["mabn"]["acc_avg"]
-    summary = json.load(open(os.path.join(args.out_dir, "results.json")))["summary"]
-    assert summary["mabn"]["acc_avg"][0] == out["target"]["mabn"]["acc_avg"]
-    again = mabn.main(tiny_args(tmp_path), make_synthetic())["per_seed"][0]  # the same out_dir: stages reused
-    assert again["target"]["mabn"]["acc_avg"] == out["target"]["mabn"]["acc_avg"]
-    assert "img_per_s" not in again["stages"]["stage1"]  # loaded, not trained
-
-
-def test_control_row_is_stage2_without_the_inner_step_from_stage1(tmp_path, monkeypatch):
-    """no_inner: a second stage 2 with alpha = 0 (phi fine-tuned on the joint loss), from stage 1's phi like stage 2
-    proper, predicted without adaptation."""
-    data = make_synthetic()
-    runs, phis_seen = [], []
-    real_train, real_evaluate = mabn.train, mabn.evaluate
-
-    def train(stage, model, target, data, args, device, log, name=None):
-        runs.append((name or f"stage{stage}", args.inner_lr, mabn.clone_phi(model)))
-        return real_train(stage, model, target, data, args, device, log, name)
-
-    def evaluate(model, target, phis, data, split, *rest, **kw):
-        if split.name == "test":
-            phis_seen.append({start: {k: v.clone() for k, v in phi.items()} for start, phi in phis.items()})
-        return real_evaluate(model, target, phis, data, split, *rest, **kw)
-
-    monkeypatch.setattr(mabn, "train", train)
-    monkeypatch.setattr(mabn, "evaluate", evaluate)
-    args = tiny_args(tmp_path, "--methods", "no_inner", "none", "mabn", "--inner_lr", "0.5")
-    out = mabn.main(args, data)["per_seed"][0]
-    assert [(name, lr) for name, lr, _ in runs] == [("stage1", 0.5), ("stage2_alpha0", 0.0), ("stage2", 0.5)]
-    ckpt = {name: torch.load(os.path.join(args.out_dir, "seed0", f"{name}.pt"), weights_only=True)["model"]
-            for name in ("stage1", "stage2_alpha0", "stage2")}
-    for name, _, start in runs[1:]:  # both stage-2 runs start from stage 1's phi
-        assert all(torch.equal(start[k], ckpt["stage1"][k]) for k in start), name
-    (phis,) = phis_seen
-    assert all(torch.equal(phis["meta0"][k], ckpt["stage2_alpha0"][k]) for k in phis["meta0"])
-    assert all(torch.equal(phis["meta"][k], ckpt["stage2"][k]) for k in phis["meta"])
-    assert not all(torch.equal(phis["meta0"][k], phis["meta"][k]) for k in phis["meta"])
-    assert "no_inner" in out["target"] and "stage2_alpha0" in out["stages"]
+def test_meta_batches_of_distinct_uniform_domains_each_with_disjoint_support_and_query(tmp_path):
+    domains = torch.tensor([0] * 60 + [1] * 10 + [2] * 5 + [3])
+    index = torch.arange(len(domains))  # each image is its own index, to read back which images an episode took
+    split = mabn.Split(torch.utils.data.TensorDataset(index.float().view(-1, 1, 1, 1), index), domains, "train")
+    args = tiny_args(tmp_path, "--n_support", "8", "--n_query", "6", "--meta_batch", "2")
+    counts = {0: 0, 1: 0, 2: 0}
+    for meta_batch in mabn.meta_batches(split, args, torch.device("cpu"), 600, torch.Generator().manual_seed(0)):
+        drawn = []
+        for support_x, query_x, query_y in meta_batch:  # Alg. 1: B = 2 episodes per outer step
+            support, query = support_x.flatten().long().tolist(), query_x.flatten().long().tolist()
+            assert query == query_y.tolist()  # the query's labels are its own images'
+            d = int(domains[support[0]])
+            size = min(14, {0: 60, 1: 10, 2: 5}[d])  # smaller domains give all they have
+            assert len(set(support + query)) == len(support + query) == size  # support and query disjoint
+            assert len(support) == round(size * 8 / 14) and {int(domains[i]) for i in support + query} == {d}
+            drawn.append(d)
+            counts[d] += 1
+        assert len(drawn) == 2 and drawn[0] != drawn[1]  # distinct domains
+    # uniform over the domains (each in 2 of 3 steps: 400), not in proportion to their size (domain 0: ~580)
+    assert sum(counts.values()) == 1200 and all(abs(n - 400) < 60 for n in counts.values()), counts
+    args.meta_batch = 5  # more than the 3 domains with two images or more (domain 3 is skipped): B is capped
+    assert [len(b) for b in mabn.meta_batches(split, args, torch.device("cpu"), 4, torch.Generator())] == [3] * 4
 
 
 def test_pilot_chooses_alpha_then_delta_on_validation_and_a_given_value_wins(tmp_path, monkeypatch):
@@ -901,8 +547,382 @@ def test_pilot_chooses_alpha_then_delta_on_validation_and_a_given_value_wins(tmp
             saved = json.load(open(os.path.join(args.out_dir, "seed0", "results.json")))
             assert saved["pilot"]["candidates"][0]["score"] == -(-4 + 2) ** 2
             assert os.path.exists(os.path.join(args.out_dir, "seed0", "pilot_alpha0.0001_delta0.01.pt"))
+            steps = []  # a rerun reuses the finished pilots: the same choice, without a single meta step
+            real_meta_step = mabn.meta_step
+
+            def counting_meta_step(*a, **kw):
+                steps.append(1)
+                return real_meta_step(*a, **kw)
+
+            monkeypatch.setattr(mabn, "meta_step", counting_meta_step)
+            again = mabn.main(args, data)["per_seed"][0]["pilot"]
+            monkeypatch.setattr(mabn, "meta_step", real_meta_step)
+            assert again == out["pilot"] and steps == []
         stage1 = torch.load(os.path.join(args.out_dir, "seed0", "stage1.pt"), weights_only=True)["model"]
         assert all(torch.equal(v, stage1[k]) for k, v in phi_at_stage2[-1].items())  # the pilot leaves the model alone
+
+
+def test_control_row_is_stage2_without_the_inner_step_from_stage1(tmp_path, monkeypatch):
+    """no_inner: a second stage 2 with alpha = 0 (phi fine-tuned on the joint loss), from stage 1's phi like stage 2
+    proper, predicted without adaptation."""
+    data = make_synthetic()
+    runs, phis_seen = [], []
+    real_train, real_evaluate = mabn.train, mabn.evaluate
+
+    def train(stage, model, target, data, args, device, log, name=None):
+        runs.append((name or f"stage{stage}", args.inner_lr, mabn.clone_phi(model)))
+        return real_train(stage, model, target, data, args, device, log, name)
+
+    def evaluate(model, target, phis, data, split, *rest, **kw):
+        if split.name == "test":
+            phis_seen.append({start: {k: v.clone() for k, v in phi.items()} for start, phi in phis.items()})
+        return real_evaluate(model, target, phis, data, split, *rest, **kw)
+
+    monkeypatch.setattr(mabn, "train", train)
+    monkeypatch.setattr(mabn, "evaluate", evaluate)
+    args = tiny_args(tmp_path, "--methods", "no_inner", "none", "mabn", "--inner_lr", "0.5")
+    out = mabn.main(args, data)["per_seed"][0]
+    assert [(name, lr) for name, lr, _ in runs] == [("stage1", 0.5), ("stage2_alpha0", 0.0), ("stage2", 0.5)]
+    ckpt = {name: torch.load(os.path.join(args.out_dir, "seed0", f"{name}.pt"), weights_only=True)["model"]
+            for name in ("stage1", "stage2_alpha0", "stage2")}
+    for name, _, start in runs[1:]:  # both stage-2 runs start from stage 1's phi
+        assert all(torch.equal(start[k], ckpt["stage1"][k]) for k in start), name
+    (phis,) = phis_seen
+    assert all(torch.equal(phis["meta0"][k], ckpt["stage2_alpha0"][k]) for k in phis["meta0"])
+    assert all(torch.equal(phis["meta"][k], ckpt["stage2"][k]) for k in phis["meta"])
+    assert not all(torch.equal(phis["meta0"][k], phis["meta"][k]) for k in phis["meta"])
+    assert "no_inner" in out["target"] and "stage2_alpha0" in out["stages"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 3 and the rows of the paper's analyses
+# ----------------------------------------------------------------------------------------------------------
+def phis_of(model):
+    phi = mabn.split_params(model)[0]
+    return {"stage1": {k: v + 0.05 for k, v in phi.items()}, "meta": phi,
+            "meta0": {k: v - 0.05 for k, v in phi.items()}}
+
+
+def test_adapt_domain_changes_only_bn_affine():
+    model, target = trained_bn(*tiny_model())
+    before, target_before = snapshot(model), snapshot(target)
+    phi, frozen = mabn.split_params(model)
+    adapted = mabn.adapt_domain(model, phi, frozen, target, torch.rand(8, 3, 8, 8), jitter_aug(), inner_lr=0.5, steps=2)
+    assert set(adapted) == set(phi) and any("backbone" in k for k in adapted) and any("projector" in k for k in adapted)
+    assert all(k.endswith((".weight", ".bias")) for k in phi) and not any(k.startswith("head.") for k in phi)
+    assert any(not torch.equal(adapted[k], phi[k]) for k in adapted)  # it did adapt something
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())  # weights, statistics, affine
+    assert all(torch.equal(v, target_before[k]) for k, v in snapshot(target).items())
+    assert all(not v.requires_grad for v in adapted.values())
+
+
+def test_domains_adapt_independently():
+    model, target = trained_bn(*tiny_model())
+    phi, frozen = mabn.split_params(model)
+    x_a, x_b = torch.rand(8, 3, 8, 8), 2 * torch.rand(8, 3, 8, 8) - 0.5
+
+    def adapt(x):
+        return mabn.adapt_domain(model, phi, frozen, target, x, jitter_aug(0), 0.5, 1)
+
+    b_alone = adapt(x_b)
+    a = adapt(x_a)
+    assert any(not torch.allclose(a[k], b_alone[k]) for k in a)
+    assert all(torch.equal(b_alone[k], adapt(x_b)[k]) for k in a)
+
+
+def test_prediction_never_runs_aux_branch(tmp_path):
+    data = make_synthetic()
+    model, target = trained_bn(*tiny_model())
+    args = tiny_args(tmp_path, "--n_adapt", "4", "--eval_batch_size", "5", "--inner_steps", "2")
+    calls = {"projector": 0, "predictor": 0}
+    for name in calls:
+        getattr(model, name).register_forward_hook(lambda *a, name=name: calls.update({name: calls[name] + 1}))
+    phis, cpu = phis_of(model), torch.device("cpu")
+    mabn.evaluate(model, target, phis, data, data["splits"]["test"], ["none", "stage1", "bn_stats"], [4], args, cpu)
+    assert calls == {"projector": 0, "predictor": 0}
+    mabn.evaluate(model, target, phis, data, data["splits"]["test"], ["mabn"], [4], args, cpu)
+    n_steps = len(data["splits"]["test"].by_domain) * args.inner_steps  # one online forward per inner step
+    assert calls == {"projector": n_steps, "predictor": n_steps}
+
+
+def test_support_sets_are_drawn_per_seed_and_domain_or_first_k_on_request(tmp_path):
+    split = make_synthetic(per_domain=30)["splits"]["test"]
+    args = tiny_args(tmp_path)
+    drawn = mabn.support_sets(split, 8, args)
+    assert drawn == mabn.support_sets(split, 8, args)  # a seeded draw
+    positions = []
+    for d, idx in split.by_domain.items():
+        assert len(set(drawn[d])) == 8 and set(drawn[d]) <= set(idx)
+        positions.append([idx.index(i) for i in drawn[d]])
+    assert positions[0] != [0, 1, 2, 3, 4, 5, 6, 7] and positions[0] != positions[1]  # random, each domain its own
+    args.seed = 1
+    assert all(drawn[d] != other for d, other in mabn.support_sets(split, 8, args).items())  # another seed
+    args.support = "first"  # Meta-DMoE's protocol
+    assert mabn.support_sets(split, 8, args) == {d: idx[:8] for d, idx in split.by_domain.items()}
+
+
+def test_every_row_runs_on_the_same_support_sets(tmp_path, monkeypatch):
+    data = make_synthetic()
+    used = []  # (function, support set) for every adaptation
+
+    def recording(name, position):  # mabn.<name>, noting its support-set argument at each call
+        real = getattr(mabn, name)
+
+        def wrapper(*a, **kw):
+            used.append((name, a[position]))
+            return real(*a, **kw)
+        monkeypatch.setattr(mabn, name, wrapper)
+
+    for name, position in (("adapt_domain", 4), ("reestimate_bn_stats", 2)):
+        recording(name, position)
+    args = tiny_args(tmp_path, "--methods", "all", "--n_adapt", "8", "4", "--seeds", "0", "1", "--epochs", "1",
+                     "--meta_epochs", "1")
+    out = mabn.main(args, data)
+    with_k = [r for r in mabn.ROWS if mabn.sees_support(r)]
+    assert set(with_k) == {"bn_stats", "no_meta", "mabn", "mabn_bn", "mabn_tent_bn", "mabn_tent_affine",
+                           "mabn_unmatched"}
+    for result in out["per_seed"]:
+        assert set(result["target"]) == set(mabn.ROWS) - set(with_k) | {f"{r}@{k}" for r in with_k for k in (8, 4)}
+    test = data["splits"]["test"]
+    expected = {}  # (seed, k, domain) -> the images of its support set
+    for seed in (0, 1):
+        args.seed = seed
+        for d, idx in mabn.support_sets(test, 8, args).items():
+            for k in (4, 8):
+                expected[seed, k, d] = test.dataset.tensors[0][idx[:k]]  # nested: k = 4 takes the first 4 of 8
+    seen = {name: set() for name, _ in used}
+    for name, support_x in used:
+        seen[name] |= {key for key, x in expected.items() if x.shape == support_x.shape and torch.equal(x, support_x)}
+    assert all(s == set(expected) for s in seen.values()), seen
+
+
+# What the README says each row does: (starts from, BN statistics, rule); written here, not read from mabn.ROWS.
+README_ROWS = {"stage1": ("stage1", "source", None), "bn_stats": ("stage1", "support", None),
+               "tent_bn": ("stage1", "batch", "tent"), "tent_affine": ("stage1", "source", "tent"),
+               "no_meta": ("stage1", "source", "mabn"), "no_inner": ("meta0", "source", None),
+               "none": ("meta", "source", None), "mabn": ("meta", "source", "mabn"),
+               "mabn_bn": ("meta", "support", "mabn"), "mabn_tent_bn": ("meta", "batch", "mabn+tent"),
+               "mabn_tent_affine": ("meta", "source", "mabn+tent"), "mabn_unmatched": ("meta", "source", "mabn")}
+
+
+@pytest.mark.parametrize("row", list(README_ROWS))
+def test_every_row_starts_and_adapts_as_the_readme_says(row):
+    model, target = trained_bn(*tiny_model())
+    phi, frozen = mabn.split_params(model)
+    gen = torch.Generator().manual_seed(3)
+    phis = {name: {k: v + 0.2 * torch.randn(v.shape, generator=gen) for k, v in phi.items()}
+            for name in ("stage1", "meta0")}
+    phis["meta"] = phi
+    support_x, args = 2 * torch.rand(6, 3, 8, 8, generator=gen), mabn.parse_args(["--inner_lr", "0.5"])
+    start, stats, rule = README_ROWS[row]
+    params = mabn.row_params(row, model, target, phis, frozen, support_x, fixed_aug, args)
+    assert set(mabn.ROWS) == set(README_ROWS)
+    # statistics: stage 1's, the support set's (the first BN sees the first conv's output), or none at all: "batch"
+    # rows normalise each batch with its own (test_batch_statistics_normalise_every_layer_with_the_batchs_own)
+    first_in = model.backbone[1][0](model.backbone[0](support_x))
+    if stats == "batch":
+        assert params["backbone.1.1.running_mean"] is None and params["projector.1.running_mean"] is not None
+    else:
+        expected_mean = first_in.mean((0, 2, 3)) if stats == "support" else frozen["backbone.1.1.running_mean"]
+        assert torch.allclose(params["backbone.1.1.running_mean"], expected_mean, atol=1e-5)
+    # the affine: from phis[start], with MABN's step (Eq. 3) where the rule has one, taken with the statistics the
+    # row's MABN uses: stage 1's, or the support set's (MABN's "update BN", also before TENT's in mabn_tent_bn)
+    expected = phis[start]
+    if rule in ("mabn", "mabn+tent"):  # (unmatched: MABN's step on the support set it is given, another domain's)
+        step_stats = dict(frozen)
+        if stats != "source":
+            step_stats.update(mabn.reestimate_bn_stats(model, {**frozen, **expected}, support_x))
+        expected = mabn.adapt_domain(model, expected, step_stats, target, support_x, fixed_aug, 0.5)
+        assert not all(torch.equal(params[k], phis[start][k]) for k in phi)  # and the rule did move it
+    # TENT's rows adapt later, online, on the test batches
+    assert all(torch.equal(params[k], expected[k].detach()) for k in phi)
+
+
+def test_one_pass_for_all_rows_equals_one_pass_each(tmp_path):
+    data = make_synthetic(per_domain=30)
+    model, target = trained_bn(*tiny_model())
+    args = tiny_args(tmp_path, "--eval_batch_size", "7", "--n_adapt", "5")
+    split, cpu, phis = data["splits"]["test"], torch.device("cpu"), phis_of(model)
+    before, target_before = snapshot(model), snapshot(target)
+    together = mabn.evaluate(model, target, phis, data, split, list(mabn.ROWS), [5], args, cpu)
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())  # every row, TENT's too, leaves the
+    assert all(torch.equal(v, target_before[k]) for k, v in snapshot(target).items())  # modules as they were
+    for row in mabn.ROWS:  # (with the row it compares with for "changed")
+        plain = mabn.UNADAPTED[mabn.ROWS[row][0]]
+        assert mabn.evaluate(model, target, phis, data, split, [row, plain], [5], args, cpu)[row] == together[row], row
+    assert together["mabn_tent_bn"] != together["mabn"] != together["none"]
+
+
+def test_unmatched_uses_another_domains_adaptation(tmp_path, monkeypatch):
+    data = make_synthetic()
+    model, target = trained_bn(*tiny_model())
+    made = []  # (row, the tensors it predicts a domain with), domain after domain
+    real_row_params = mabn.row_params
+
+    def recording(row, *args):
+        params = real_row_params(row, *args)
+        made.append((row, params))
+        return params
+
+    monkeypatch.setattr(mabn, "row_params", recording)
+    mabn.evaluate(model, target, phis_of(model), data, data["splits"]["test"], ["mabn", "mabn_unmatched"], [6],
+                  tiny_args(tmp_path), torch.device("cpu"))
+    matched = [p for row, p in made if row == "mabn"]
+    unmatched = [p for row, p in made if row == "mabn_unmatched"]
+    phi_names, n = list(mabn.split_params(model)[0]), len(matched)
+    assert n == len(unmatched) == 3
+    for d in range(n):  # domain d is predicted with the phi~ of domain d + 1 (cyclically): another domain's, exactly
+        assert all(torch.equal(unmatched[d][k], matched[(d + 1) % n][k]) for k in phi_names)
+        assert not all(torch.equal(unmatched[d][k], matched[d][k]) for k in phi_names)
+
+
+def test_batch_statistics_normalise_every_layer_with_the_batchs_own():
+    model, _ = trained_bn(*tiny_model())
+    params = {**mabn.split_params(model)[1], **mabn.split_params(model)[0]}
+    x = 3 * torch.rand(6, 3, 8, 8)
+    reference = copy.deepcopy(model)  # every backbone BN in training mode, running averages off: batch statistics
+    for m in reference.backbone.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+            m.momentum = None
+            m.reset_running_stats()
+    before = snapshot(model)
+    batch = mabn.predict(model, mabn.batch_statistics(params), x)
+    with torch.no_grad():
+        expected = reference(x)
+    assert torch.allclose(batch, expected, atol=1e-5)
+    assert not torch.allclose(batch, mabn.predict(model, params, x), atol=1e-3)  # with the source statistics
+    stats = mabn.reestimate_bn_stats(model, params, x)  # Table 4's "update BN" for MABN
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.backbone.modules())
+    assert len(stats) == 2 * n_bn == 18
+    for name, m in reference.backbone.named_modules():  # momentum None: the running buffers hold this batch's
+        if isinstance(m, nn.BatchNorm2d):
+            assert torch.allclose(stats[f"backbone.{name}.running_mean"], m.running_mean, atol=1e-5), name
+            assert torch.allclose(stats[f"backbone.{name}.running_var"], m.running_var, atol=1e-4), name
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+
+
+def test_tent_is_online_entropy_minimisation_on_the_backbone_affine():
+    model, _ = trained_bn(*tiny_model())
+    phi, frozen = mabn.split_params(model)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.rand(8, 3, 8, 8, generator=gen), 2 * torch.rand(5, 3, 8, 8, generator=gen)]
+    before = snapshot(model)
+    leaves, opt = mabn.tent_setup(phi)  # TENT's code defaults: Adam, lr 1e-3, betas (0.9, 0.999)
+    assert set(leaves) == {k for k in phi if k.startswith("backbone.")}
+    hand = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
+    hand_opt = torch.optim.Adam(list(hand.values()), 1e-3, betas=(0.9, 0.999))
+    for x in batches:  # by hand: predict the batch, then one step on its mean prediction entropy
+        logits = functional_call(model, {**frozen, **phi, **hand}, (x,))
+        outputs = mabn.tent_forward_and_adapt(model, {**frozen, **phi}, leaves, opt, x)
+        assert torch.allclose(outputs, logits, atol=1e-6)  # the prediction comes before the step
+        assert all(p.grad is None for p in model.parameters())  # only the leaves got gradients, not the module
+        entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
+        for leaf, grad in zip(hand.values(), torch.autograd.grad(entropy, list(hand.values()))):
+            leaf.grad = grad
+        hand_opt.step()
+        assert all(torch.allclose(leaves[k], hand[k], atol=1e-6) for k in hand)
+    assert not all(torch.equal(leaves[k], phi[k]) for k in leaves)  # online: it moved, batch after batch
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+
+
+def test_tent_rows_adapt_per_test_batch_from_their_start_and_reset_for_every_domain(tmp_path, monkeypatch):
+    data = make_synthetic(per_domain=30)
+    model, target = trained_bn(*tiny_model())
+    phis = phis_of(model)
+    calls, made = [], []
+    real_tent, real_row_params = mabn.tent_forward_and_adapt, mabn.row_params
+
+    def tent(model, params, leaves, opt, x):
+        calls.append(({k: v.detach().clone() for k, v in leaves.items()}, x))
+        return real_tent(model, params, leaves, opt, x)
+
+    def row_params(row, *args):
+        made.append((row, real_row_params(row, *args)))
+        return made[-1][1]
+
+    monkeypatch.setattr(mabn, "tent_forward_and_adapt", tent)
+    monkeypatch.setattr(mabn, "row_params", row_params)
+    args = tiny_args(tmp_path, "--eval_batch_size", "7", "--n_adapt", "5")
+    for row in ("mabn_tent_affine", "mabn_tent_bn", "tent_bn"):
+        calls.clear()
+        made.clear()
+        mabn.evaluate(model, target, phis, data, data["splits"]["test"], [row], [5], args, torch.device("cpu"))
+        assert [len(x) for _, x in calls] == [7, 7, 7, 7, 2] * 3  # every test batch of the 3 domains, in order
+        made_here = [params for name, params in made if name == row]  # the row's tensors, domain by domain
+        for d in range(3):
+            (first, x), (second, _) = calls[5 * d], calls[5 * d + 1]
+            assert all(torch.equal(first[k], made_here[d][k]) for k in first)  # reset to the row's start: phi~
+            fresh_leaves, fresh_opt = mabn.tent_setup(first)  # and a fresh optimiser: no Adam moments carried over
+            real_tent(model, made_here[d], fresh_leaves, fresh_opt, x)
+            assert all(torch.allclose(second[k], fresh_leaves[k]) for k in second)
+            assert not all(torch.equal(first[k], second[k]) for k in first)  # online within the domain
+        moved = not all(torch.equal(made_here[0][k], phis[mabn.ROWS[row][0]][k]) for k in calls[0][0])
+        assert moved == (row != "tent_bn")  # MABN + TENT starts from the domain's phi~, TENT from stage 1's phi
+
+
+def test_domain_metrics_by_hand():
+    outputs = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0], [1.0, 0.0], [1.0, 2.0]])  # predicts 010101
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    domains = torch.tensor([7, 7, 7, 7, 9, 9])  # domain 7: 3 of 4 right; domain 9: 1 of 2
+    metrics = mabn.domain_metrics(outputs, labels, domains)
+    assert metrics == {"acc_avg": pytest.approx(4 / 6), "acc_wg": 0.5, "per_domain": {7: 0.75, 9: 0.5}}  # pooled
+    mse = mabn.domain_metrics(torch.tensor([[1.0], [2.0], [4.0]]), torch.tensor([1.0, 0.0, 1.0]),
+                              torch.tensor([0, 0, 3]), task="regression")
+    assert mse == {"per_domain": {0: 2.0, 3: 9.0}}
+
+
+def test_adaptation_is_visible_per_domain(tmp_path, monkeypatch):
+    """Every adapting row records, per target domain, ||phi~ - phi|| / ||phi|| over the backbone's part of phi and the
+    share of its predictions that differ from the same start's without adaptation (mabn against none, bn_stats against
+    stage1)."""
+    data = make_synthetic(per_domain=30)
+    model, target = trained_bn(*tiny_model())
+    phis, made = phis_of(model), []
+    real_row_params = mabn.row_params
+
+    def row_params(row, *args):
+        made.append((row, real_row_params(row, *args)))
+        return made[-1][1]
+
+    monkeypatch.setattr(mabn, "row_params", row_params)
+    test = data["splits"]["test"]
+    out = mabn.evaluate(model, target, phis, data, test, ["stage1", "none", "mabn", "bn_stats"], [5],
+                        tiny_args(tmp_path, "--inner_lr", "2.0", "--n_adapt", "5"), torch.device("cpu"))
+    assert "phi_shift" not in out["none"] and "changed" not in out["stage1"]
+    x = test.dataset.tensors[0]
+    for (d, idx), (_, params) in zip(test.by_domain.items(), [p for p in made if p[0] == "mabn"]):
+        seen = [k for k in phis["meta"] if k.startswith("backbone.")]  # the part of phi the predictions use
+        phi_d = torch.cat([params[k].flatten() for k in seen])
+        phi = torch.cat([phis["meta"][k].flatten() for k in seen])
+        assert out["mabn"]["phi_shift"][d] == pytest.approx(((phi_d - phi).norm() / phi.norm()).item(), rel=1e-5)
+        adapted = mabn.predict(model, params, x[idx]).argmax(-1)
+        plain = mabn.predict(model, {**mabn.split_params(model)[1], **phis["meta"]}, x[idx]).argmax(-1)
+        assert out["mabn"]["changed"][d] == pytest.approx((adapted != plain).float().mean().item())
+        assert out["bn_stats"]["phi_shift"][d] == 0.0  # statistics only: phi stays
+    assert max(out["mabn"]["changed"].values()) > 0 and max(out["bn_stats"]["changed"].values()) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end, and learning
+# ----------------------------------------------------------------------------------------------------------
+def test_main_end_to_end(tmp_path):
+    args = tiny_args(tmp_path)
+    out = mabn.main(args, make_synthetic())["per_seed"][0]
+    saved = json.load(open(os.path.join(args.out_dir, "seed0", "results.json")))
+    stages = saved["stages"]  # 72 source images: 4 batches of 16 (stage 1), 4 episodes of 8 + 8 (stage 2) an epoch
+    assert stages["stage1"]["steps"] == stages["stage2"]["steps"] == 8
+    assert set(saved["target"]) == {"stage1", "none", "mabn"}
+    assert len(saved["target"]["mabn"]["per_domain"]) == 3
+    for name in ("stage1", "stage2"):  # throughput over the training steps alone; time_s includes validation
+        assert stages[name]["img_per_s"] * stages[name]["time_s"] >= 8 * 16, name
+    assert stages["stage3"]["img_per_s"] * stages["stage3"]["time_s"] == pytest.approx(72, rel=0.02)
+    assert saved["target"]["mabn"]["acc_avg"] == out["target"]["mabn"]["acc_avg"]
+    summary = json.load(open(os.path.join(args.out_dir, "results.json")))["summary"]
+    assert summary["mabn"]["acc_avg"][0] == out["target"]["mabn"]["acc_avg"]
+    again = mabn.main(tiny_args(tmp_path), make_synthetic())["per_seed"][0]  # the same out_dir: stages reused
+    assert again["target"]["mabn"]["acc_avg"] == out["target"]["mabn"]["acc_avg"]
+    assert "img_per_s" not in again["stages"]["stage1"]  # loaded, not trained
 
 
 GAIN_SHIFT_FLAGS = ["--epochs", "3", "--meta_epochs", "8", "--batch_size", "16", "--n_support", "16", "--n_query", "16",
@@ -923,21 +943,178 @@ def test_mabn_beats_no_adaptation_on_gain_shift(tmp_path):
     model without adaptation in every seed by 3 points or more, and by 5 or more on average. Seeds 0-7 gave mabn - none
     = +8.9, +18.8, +12.5, +16.7, +12.0, +5.7, +4.2, +20.3 points (any three of them: +6.3 on average at the least); most
     of it is `none` being worse than a phi meta-trained without the inner step (row no_inner: mabn - no_inner +3.4 on
-    average, README). One CPU thread: a seed's outcome changes with the summation order of other thread counts."""
+    average, README). On one CPU thread: a seed's outcome changes with the summation order of other thread counts."""
     args, data = gain_shift(["--out_dir", str(tmp_path / "run"), "--seeds", "0", "1", "2", "--inner_lr", "0.2",
                              "--outer_lr", "0.015"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        per_seed = mabn.main(args, data)["per_seed"]
-    finally:
-        torch.set_num_threads(threads)
+    per_seed = mabn.main(args, data)["per_seed"]  # on one thread, as every test (one_thread)
     margins = [r["target"]["mabn"]["acc_avg"] - r["target"]["none"]["acc_avg"] for r in per_seed]
     assert min(margins) >= 0.03 and sum(margins) / len(margins) >= 0.05, margins
 
 
 # ----------------------------------------------------------------------------------------------------------
-# WILDS: tiny datasets in the exact on-disk layout of each release, loaded by the real wilds.get_dataset
+# Data: the six WILDS datasets through the real wilds.get_dataset, on generated data (writers at the end)
+# ----------------------------------------------------------------------------------------------------------
+OFFICIAL_METRICS = {"iwildcam": ["acc_avg", "F1-macro_all"], "camelyon17": ["acc_avg"], "rxrx1": ["acc_avg"],
+                    "fmow": ["acc_avg", "acc_worst_region"], "poverty": ["r_all", "r_wg"],
+                    "domainnet": ["acc_avg"]}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_METRICS))
+def test_wilds_end_to_end(tmp_path, name):
+    n_test_domains = fake_wilds(tmp_path / "data", name)
+    args = mabn.parse_args(["--dataset", name, "--root_dir", str(tmp_path / "data"), "--out_dir",
+                            str(tmp_path / "run"), "--no_pretrained", "--img_size", "32", "--epochs", "1",
+                            "--meta_epochs", "1", "--max_steps", "2", "--batch_size", "4", "--n_support", "3",
+                            "--n_query", "2", "--n_adapt", "2", "--eval_batch_size", "64", "--proj_hidden", "16",
+                            "--proj_dim", "8", "--num_workers", "0"])
+    if name != "poverty":  # the loaders are under test here; the torchvision backbones in the next test
+        args.backbone = "small_resnet"
+    mabn.main(args)
+    saved = json.load(open(tmp_path / "run" / "seed0" / "results.json"))
+    for row in ("none", "mabn"):
+        metrics = saved["target"][row]
+        for key in OFFICIAL_METRICS[name]:
+            assert key in metrics and metrics[key] == metrics[key] and abs(metrics[key]) != float("inf"), key
+        assert len(metrics["per_domain"]) == n_test_domains
+    assert [saved["stages"][s]["steps"] for s in ("stage1", "stage2")] == [2, 2]
+    assert len(saved["pilot"]["candidates"]) == 7  # alpha and delta chosen by the pilot on the validation domains
+    assert saved["flags"]["inner_lr"] in mabn.ALPHAS and saved["flags"]["outer_lr"] in mabn.DELTAS
+
+
+@pytest.mark.parametrize("name, in_channels", [("resnet50", 3), ("densenet121", 3), ("resnet18_8ch", 8)])
+def test_torchvision_backbones_give_pooled_features(name, in_channels):
+    backbone, dim = mabn.build_backbone(name, in_channels, pretrained=False)
+    assert backbone(torch.rand(2, in_channels, 32, 32)).shape == (2, dim)
+
+
+def test_wilds_missing_folder_is_one_clear_line(tmp_path):
+    args = mabn.parse_args(["--dataset", "iwildcam", "--root_dir", str(tmp_path / "nowhere"), "--out_dir",
+                            str(tmp_path / "run"), "--no_pretrained"])
+    with pytest.raises(SystemExit) as exit_info:
+        mabn.main(args)
+    message = str(exit_info.value)
+    assert message.startswith("error: no iwildcam data under") and "--download" in message
+    assert str(tmp_path / "nowhere") in message and "\n" not in message
+    assert not os.path.exists(tmp_path / "run") and not os.path.exists(tmp_path / "nowhere")  # nothing left behind
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reliability: bad input, interruptions and repeatability
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, needle", [
+    (["--dataset", "imagenet"], "--dataset"), (["--methods", "mabn", "magic"], "--methods"),
+    (["--lr", "0"], "--lr must be > 0"), (["--inner_lr", "-1"], "--inner_lr must be >= 0"),
+    (["--outer_lr", "0"], "--outer_lr must be > 0"), (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--n_adapt", "8", "0"], "--n_adapt must be > 0"), (["--batch_size", "0"], "--batch_size must be > 0"),
+    (["--ema", "1.5"], "--ema must be in [0, 1)"), (["--meta_batch", "0"], "--meta_batch must be > 0"),
+    (["--support", "last"], "--support"), (["--tent_lr", "0"], "--tent_lr must be > 0"),
+    (["--num_workers", "-1"], "--num_workers must be >= 0")])
+def test_bad_flags_fail_with_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mabn.parse_args(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and needle in err and err.count("\n") == 1 and err.startswith("error:")
+
+
+def test_unavailable_imagenet_weights_name_no_pretrained(monkeypatch):
+    import urllib.error
+
+    import torchvision.models._api  # torchvision's weights look the download function up here: no download starts
+    urls = []
+
+    def offline(url, *args, **kwargs):
+        urls.append(url)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit) as exit_info:
+        mabn.build_backbone("resnet18_8ch", 8, pretrained=True)
+    assert "--no_pretrained" in str(exit_info.value) and "\n" not in str(exit_info.value)
+    assert len(urls) == 1 and "resnet18" in urls[0]  # the stand-in, not the network, was asked for the weights
+
+
+def test_unwritable_out_dir_and_bad_checkpoints(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        mabn.main(tiny_args(tmp_path, "--out_dir", str(tmp_path / "a_file" / "run")), make_synthetic())
+    assert "cannot write to --out_dir" in str(exit_info.value)
+    args = tiny_args(tmp_path)
+    mabn.main(args, make_synthetic())
+    ckpt = os.path.join(args.out_dir, "seed0", "stage1.pt")
+    with pytest.raises(SystemExit) as exit_info:  # same out_dir, other flags: refused, file and flag named
+        mabn.main(tiny_args(tmp_path, "--lr", "0.5"), make_synthetic())
+    assert ckpt in str(exit_info.value) and "lr: 0.002 in file vs 0.5 now" in str(exit_info.value)
+    saved = torch.load(ckpt, weights_only=True)  # a checkpoint of the format before (best target not kept): refused
+    torch.save({**saved, "flags": {k: v for k, v in saved["flags"].items() if k != "format"}}, ckpt)
+    with pytest.raises(SystemExit) as exit_info:
+        mabn.main(tiny_args(tmp_path), make_synthetic())
+    assert "format: None in file vs 2 now" in str(exit_info.value)
+    data = open(ckpt, "rb").read()
+    open(ckpt, "wb").write(data[: len(data) // 2])  # truncated
+    with pytest.raises(SystemExit) as exit_info:
+        mabn.main(tiny_args(tmp_path), make_synthetic())
+    assert f"cannot read checkpoint {ckpt}" in str(exit_info.value)
+
+
+def test_non_finite_loss_stops_with_stage_and_step(tmp_path):
+    data = make_synthetic()
+    data["splits"]["train"].dataset.tensors[0][:] = float("nan")  # poisoned inputs
+    with pytest.raises(SystemExit) as exit_info:
+        mabn.main(tiny_args(tmp_path, "--batch_size", "64"), data)
+    assert "stage 1, epoch 1, step 1: non-finite loss" in str(exit_info.value)
+
+
+def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    mabn.save_atomic({"v": torch.ones(3)}, path)
+
+    def crashing_save(obj, f):
+        open(f, "wb").write(b"half a file")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        mabn.save_atomic({"v": torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
+
+
+def test_two_runs_with_one_seed_are_identical(tmp_path):  # kill and resume: test_model_selection_keeps_the_best...
+    data = make_synthetic()
+    full, again = [mabn.main(tiny_args(tmp_path, "--out_dir", str(tmp_path / name), "--epochs", "1", "--meta_epochs",
+                                       "1"), data)["per_seed"][0] for name in ("full", "again")]
+    assert again["target"] == full["target"]
+    assert all(torch.equal(a, b) for a, b in zip(final_checkpoints(tmp_path / "full")[1].values(),
+                                                 final_checkpoints(tmp_path / "again")[1].values()))
+
+
+def test_small_target_domain_adapts_on_all_it_has_and_says_so(tmp_path, monkeypatch):
+    data = make_synthetic(per_domain=6)
+    model, target = trained_bn(*tiny_model())
+    notes, used = [], []
+    real_adapt_domain = mabn.adapt_domain
+
+    def recording(*args):
+        used.append(len(args[4]))  # the support set's size
+        return real_adapt_domain(*args)
+
+    monkeypatch.setattr(mabn, "adapt_domain", recording)
+    mabn.evaluate(model, target, phis_of(model), data, data["splits"]["test"], ["none", "mabn"], [10],
+                  tiny_args(tmp_path, "--n_adapt", "10"), torch.device("cpu"), log=notes.append)
+    assert len(notes) == 1 and "fewer than 10 images" in notes[0] and used == [6, 6, 6]
+
+
+def test_speed_script_runs_every_measurement():
+    """The GPU speed script (python test_mabn.py --speed) end to end on the CPU at tiny sizes: every figure present."""
+    out = speed(tiny=True, extra=["--num_workers", "0", "--img_size", "16"], backbone="small_resnet",
+                log=lambda msg: None)
+    assert out["a_fed_over_resident"] == out["fed_img_s"] / out["resident_img_s"]
+    assert out["c_stage3_over_plain"] == out["stage3_img_s"] / out["plain_img_s"]
+    assert out["d_meta_cost_per_image"] == out["resident_img_s"] / out["meta_img_s"]
+    assert out["d_peak_gib"] is None  # no CUDA here
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tools, not tests: the generated-WILDS writers, and the speed script (python test_mabn.py --speed [--tiny])
 # ----------------------------------------------------------------------------------------------------------
 def _image(path, seed, size=12):
     """A photo-like image (smooth colour blobs plus sensor noise) of size (width, height) or size x size."""
@@ -1061,156 +1238,6 @@ def fake_wilds(root, name, per_domain=4, image_size=12, iwildcam_layout=None):
     raise ValueError(name)
 
 
-OFFICIAL_METRICS = {"iwildcam": ["acc_avg", "F1-macro_all"], "camelyon17": ["acc_avg"], "rxrx1": ["acc_avg"],
-                    "fmow": ["acc_avg", "acc_worst_region"], "poverty": ["r_all", "r_wg"],
-                    "domainnet": ["acc_avg"]}
-
-
-@pytest.mark.parametrize("name", sorted(OFFICIAL_METRICS))
-def test_wilds_end_to_end(tmp_path, name):
-    n_test_domains = fake_wilds(tmp_path / "data", name)
-    args = mabn.parse_args(["--dataset", name, "--root_dir", str(tmp_path / "data"), "--out_dir",
-                            str(tmp_path / "run"), "--no_pretrained", "--img_size", "32", "--epochs", "1",
-                            "--meta_epochs", "1", "--max_steps", "2", "--batch_size", "4", "--n_support", "3",
-                            "--n_query", "2", "--n_adapt", "2", "--eval_batch_size", "64", "--proj_hidden", "16",
-                            "--proj_dim", "8", "--num_workers", "0"])
-    if name != "poverty":  # the loaders are under test here; the torchvision backbones in the next test
-        args.backbone = "small_resnet"
-    mabn.main(args)
-    saved = json.load(open(tmp_path / "run" / "seed0" / "results.json"))
-    for row in ("none", "mabn"):
-        metrics = saved["target"][row]
-        for key in OFFICIAL_METRICS[name]:
-            assert key in metrics and metrics[key] == metrics[key] and abs(metrics[key]) != float("inf"), key
-        assert len(metrics["per_domain"]) == n_test_domains
-    assert [saved["stages"][s]["steps"] for s in ("stage1", "stage2")] == [2, 2]
-    assert len(saved["pilot"]["candidates"]) == 7  # alpha and delta chosen by the pilot on the validation domains
-    assert saved["flags"]["inner_lr"] in mabn.ALPHAS and saved["flags"]["outer_lr"] in mabn.DELTAS
-
-
-@pytest.mark.parametrize("name, in_channels", [("resnet50", 3), ("densenet121", 3), ("resnet18_8ch", 8)])
-def test_torchvision_backbones_give_pooled_features(name, in_channels):
-    backbone, dim = mabn.build_backbone(name, in_channels, pretrained=False)
-    assert backbone(torch.rand(2, in_channels, 32, 32)).shape == (2, dim)
-
-
-def test_wilds_missing_folder_is_one_clear_line(tmp_path):
-    args = mabn.parse_args(["--dataset", "iwildcam", "--root_dir", str(tmp_path / "nowhere"), "--out_dir",
-                            str(tmp_path / "run"), "--no_pretrained"])
-    with pytest.raises(SystemExit) as exit_info:
-        mabn.main(args)
-    message = str(exit_info.value)
-    assert message.startswith("error: no iwildcam data under") and "--download" in message
-    assert str(tmp_path / "nowhere") in message and "\n" not in message
-
-
-def test_speed_script_runs_every_measurement():
-    """The GPU speed script (python test_mabn.py --speed) end to end on the CPU at tiny sizes: every figure present."""
-    out = speed(tiny=True, extra=["--num_workers", "0", "--img_size", "16"], backbone="small_resnet",
-                log=lambda msg: None)
-    for key in ("a_fed_over_resident", "c_stage3_over_plain", "d_meta_cost_per_image"):
-        assert 0 < out[key] < float("inf"), key
-    assert out["d_peak_gib"] is None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Bad input, interruptions and repeatability
-# ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("argv, needle", [
-    (["--dataset", "imagenet"], "--dataset"), (["--methods", "mabn", "magic"], "--methods"),
-    (["--lr", "0"], "--lr must be > 0"), (["--inner_lr", "-1"], "--inner_lr must be >= 0"),
-    (["--outer_lr", "0"], "--outer_lr must be > 0"), (["--epochs", "-1"], "--epochs must be >= 0"),
-    (["--n_adapt", "8", "0"], "--n_adapt must be > 0"), (["--batch_size", "0"], "--batch_size must be > 0"),
-    (["--ema", "1.5"], "--ema must be in [0, 1)"), (["--meta_batch", "0"], "--meta_batch must be > 0"),
-    (["--support", "last"], "--support"), (["--tent_lr", "0"], "--tent_lr must be > 0"),
-    (["--num_workers", "-1"], "--num_workers must be >= 0")])
-def test_bad_flags_fail_with_one_line(argv, needle, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        mabn.parse_args(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and needle in err and err.count("\n") == 1 and err.startswith("error:")
-
-
-def test_unavailable_imagenet_weights_name_no_pretrained(monkeypatch):
-    import urllib.error
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(SystemExit) as exit_info:
-        mabn.build_backbone("resnet18_8ch", 8, pretrained=True)
-    assert "--no_pretrained" in str(exit_info.value) and "\n" not in str(exit_info.value)
-
-
-def test_unwritable_out_dir_and_bad_checkpoints(tmp_path):
-    (tmp_path / "a_file").write_text("x")
-    with pytest.raises(SystemExit) as exit_info:
-        mabn.main(tiny_args(tmp_path, "--out_dir", str(tmp_path / "a_file" / "run")), make_synthetic())
-    assert "cannot write to --out_dir" in str(exit_info.value)
-    args = tiny_args(tmp_path)
-    mabn.main(args, make_synthetic())
-    ckpt = os.path.join(args.out_dir, "seed0", "stage1.pt")
-    with pytest.raises(SystemExit) as exit_info:  # same out_dir, other flags: refused, file and flag named
-        mabn.main(tiny_args(tmp_path, "--lr", "0.5"), make_synthetic())
-    assert ckpt in str(exit_info.value) and "lr: 0.002 in file vs 0.5 now" in str(exit_info.value)
-    data = open(ckpt, "rb").read()
-    open(ckpt, "wb").write(data[: len(data) // 2])  # truncated
-    with pytest.raises(SystemExit) as exit_info:
-        mabn.main(tiny_args(tmp_path), make_synthetic())
-    assert f"cannot read checkpoint {ckpt}" in str(exit_info.value)
-
-
-def test_non_finite_loss_stops_with_stage_and_step(tmp_path):
-    data = make_synthetic()
-    data["splits"]["train"].dataset.tensors[0][:] = float("nan")  # poisoned inputs
-    with pytest.raises(SystemExit) as exit_info:
-        mabn.main(tiny_args(tmp_path, "--batch_size", "64"), data)
-    assert "stage 1, epoch 1, step 1: non-finite loss" in str(exit_info.value)
-
-
-def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):
-    path = str(tmp_path / "ckpt.pt")
-    mabn.save_atomic({"v": torch.ones(3)}, path)
-
-    def crashing_save(obj, f):
-        open(f, "wb").write(b"half a file")
-        raise KeyboardInterrupt  # killed mid-write
-
-    monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(KeyboardInterrupt):
-        mabn.save_atomic({"v": torch.zeros(3)}, path)
-    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
-
-
-def test_two_runs_with_one_seed_are_identical(tmp_path):  # kill and resume: test_model_selection_keeps_the_best...
-    data = make_synthetic()
-    full, again = [mabn.main(tiny_args(tmp_path, "--out_dir", str(tmp_path / name), "--epochs", "1", "--meta_epochs",
-                                       "1"), data)["per_seed"][0] for name in ("full", "again")]
-    assert again["target"] == full["target"]
-    assert all(torch.equal(a, b) for a, b in zip(final_checkpoints(tmp_path / "full")[1].values(),
-                                                 final_checkpoints(tmp_path / "again")[1].values()))
-
-
-def test_small_target_domain_adapts_on_all_it_has_and_says_so(tmp_path, monkeypatch):
-    data = make_synthetic(per_domain=6)
-    model, target = trained_bn(*tiny_model())
-    notes, used = [], []
-    real_adapt_domain = mabn.adapt_domain
-
-    def recording(*args):
-        used.append(len(args[4]))  # the support set's size
-        return real_adapt_domain(*args)
-
-    monkeypatch.setattr(mabn, "adapt_domain", recording)
-    mabn.evaluate(model, target, phis_of(model), data, data["splits"]["test"], ["none", "mabn"], [10],
-                  tiny_args(tmp_path, "--n_adapt", "10"), torch.device("cpu"), log=notes.append)
-    assert len(notes) == 1 and "fewer than 10 images" in notes[0] and used == [6, 6, 6]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Speed: python test_mabn.py --speed [--tiny] [mabn.py flags]
-# ----------------------------------------------------------------------------------------------------------
 def speed(tiny=False, extra=(), backbone=None, log=print):
     """One run on this machine's device (CUDA if present) of every speed measurement, on generated iWildCam-layout
     data (JPEGs of 1920x1080; --tiny: 96x64 images, 64 px input, small batches, to check the script on a CPU):
