@@ -925,6 +925,26 @@ def test_main_end_to_end(tmp_path):
     assert "img_per_s" not in again["stages"]["stage1"]  # loaded, not trained
 
 
+def test_seeds_as_concurrent_processes_then_one_summary(tmp_path):
+    """The several-GPU recipe on the CPU: one process per seed into one --out_dir at the same time, then one call over
+    all the seeds, which reuses every finished stage and reports what the processes computed."""
+    import subprocess
+    flags = ["--out_dir", str(tmp_path / "run"), "--epochs", "1", "--meta_epochs", "1", "--max_steps", "2",
+             "--inner_lr", "0.1", "--outer_lr", "0.01", "--n_adapt", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    procs = [subprocess.Popen([sys.executable, mabn.__file__, *flags, "--seeds", seed], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for seed in ("0", "1")]
+    assert all(p.wait(timeout=300) == 0 for p in procs), [p.stderr.read() for p in procs]
+    separate = {s: json.load(open(tmp_path / "run" / f"seed{s}" / "results.json"))["target"] for s in (0, 1)}
+    out = mabn.main(mabn.parse_args([*flags, "--seeds", "0", "1"]))
+    assert [r["stages"]["stage1"]["steps"] for r in out["per_seed"]] == [2, 2]
+    assert all("img_per_s" not in r["stages"][s] for r in out["per_seed"] for s in ("stage1", "stage2"))  # reused
+    assert [r["target"]["mabn"]["acc_avg"] for r in out["per_seed"]] == [separate[s]["mabn"]["acc_avg"] for s in (0, 1)]
+    assert separate[0]["mabn"]["acc_avg"] != separate[1]["mabn"]["acc_avg"]  # two seeds, two models
+    log = open(tmp_path / "run" / "log.txt").read()  # both processes and the summary wrote to one log, line by line
+    assert log.count("stage 1 epoch 1/1:") == 2 and "seeds: mean ± std" in log
+
+
 GAIN_SHIFT_FLAGS = ["--epochs", "3", "--meta_epochs", "8", "--batch_size", "16", "--n_support", "16", "--n_query", "16",
                     "--n_adapt", "16"]
 
