@@ -961,10 +961,11 @@ def gain_shift(argv):
 
 def test_mabn_beats_no_adaptation_on_gain_shift(tmp_path):
     """The gain-shift task (gain_shift) at alpha 0.2, delta 0.015, seeds 0, 1 and 2: MABN beats the same meta-trained
-    model without adaptation in every seed by 3 points or more, and by 5 or more on average. Seeds 0-7 gave mabn - none
-    = +8.9, +18.8, +12.5, +16.7, +12.0, +5.7, +4.2, +20.3 points (any three of them: +6.25 on average at the least); most
-    of it is `none` being worse than a phi meta-trained without the inner step (row no_inner: mabn - no_inner +3.4 on
-    average, README). On one CPU thread: a seed's outcome changes with the summation order of other thread counts."""
+    model without adaptation in every seed by 3 points or more, and by 5 or more on average. Seeds 0-7 gave
+    mabn - none = +8.9, +18.8, +12.5, +16.7, +12.0, +5.7, +4.2, +20.3 points (any three of them: +6.25 on average at
+    the least); most of it is `none` being worse than a phi meta-trained without the inner step (row no_inner:
+    mabn - no_inner +3.4 on average, README). On one CPU thread: a seed's outcome changes with the summation order
+    of other thread counts."""
     args, data = gain_shift(["--out_dir", str(tmp_path / "run"), "--seeds", "0", "1", "2", "--inner_lr", "0.2",
                              "--outer_lr", "0.015"])
     per_seed = mabn.main(args, data)["per_seed"]  # on one thread, as every test (one_thread)
