@@ -1125,6 +1125,15 @@ def test_small_target_domain_adapts_on_all_it_has_and_says_so(tmp_path, monkeypa
     assert len(notes) == 1 and "fewer than 10 images" in notes[0] and used == [6, 6, 6]
 
 
+def test_cost_probe_counts_flops_in_proportion_to_the_images():
+    """The cost script's probe (python test_mabn.py --cost) at PovertyMap's full defaults: a stage-1 step on two
+    images costs twice one image's FLOPs, and a meta step's query image less than its support image."""
+    one, two = (cost_probe("poverty", 1, n) for n in (1, 2))
+    assert two["flops"] == pytest.approx(2 * one["flops"], rel=0.01) and one["flops"] > 1e10
+    base, support, query = (cost_probe("poverty", 2, s, q) for s, q in ((1, 1), (2, 1), (1, 2)))
+    assert 0 < query["flops"] - base["flops"] < support["flops"] - base["flops"]
+
+
 def test_speed_script_runs_every_measurement():
     """The GPU speed script (python test_mabn.py --speed) end to end on the CPU at tiny sizes: every figure present."""
     out = speed(tiny=True, extra=["--num_workers", "0", "--img_size", "16"], backbone="small_resnet",
@@ -1136,7 +1145,7 @@ def test_speed_script_runs_every_measurement():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Tools, not tests: the generated-WILDS writers, and the speed script (python test_mabn.py --speed [--tiny])
+# Tools, not tests: the generated-WILDS writers, the speed script and the cost script (python test_mabn.py ...)
 # ----------------------------------------------------------------------------------------------------------
 def _image(path, seed, size=12):
     """A photo-like image (smooth colour blobs plus sensor noise) of size (width, height) or size x size."""
@@ -1371,12 +1380,97 @@ def speed(tiny=False, extra=(), backbone=None, log=print):
     return out
 
 
+# The size of each dataset's training split (wilds 2.0; DomainNet: the five sources' official train lists when the
+# target is `real`) and its number of classes: what a full run's cost is computed from.
+WILDS_SIZES = {"iwildcam": (129809, 182), "camelyon17": (302436, 2), "rxrx1": (40612, 1139), "fmow": (76863, 62),
+               "poverty": (9797, 1), "domainnet": (288926, 345)}
+
+
+def cost_probe(name, stage, n_support, n_query=0):
+    """In a fresh process: the FLOPs (torch's FlopCounterMode) and the peak resident memory of ONE step at the
+    dataset's full-size defaults on the CPU, random weights: stage 1's joint_step on n_support labelled images, or
+    the second-order meta_step on one episode of n_support + n_query. -> {"flops", "rss_gib"}"""
+    import resource
+
+    from torch.utils.flop_counter import FlopCounterMode
+    args = mabn.parse_args(["--dataset", name, "--no_pretrained"])
+    channels = 8 if name == "poverty" else 3
+    norm = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}.get(args.norm, args.norm)
+    task = "regression" if name == "poverty" else "classification"
+    data = dict(in_channels=channels, n_outputs=WILDS_SIZES[name][1], norm=norm, task=task)
+    model, target = mabn.build_model(args, data, torch.device("cpu"))
+    augment_fn = functools.partial(mabn.augment, gen=torch.Generator().manual_seed(0), **args.aug)
+    n = n_support + n_query
+    x = torch.rand(n, channels, args.img_size, args.img_size)
+    y = torch.rand(n) if task == "regression" else torch.randint(0, data["n_outputs"], (n,))
+    counter = FlopCounterMode(display=False)
+    if stage == 1:
+        opt = torch.optim.Adam(model.parameters(), args.lr)
+        with counter:
+            mabn.joint_step(model, target, opt, x, y, augment_fn, task=task)
+    else:
+        model.eval()
+        target.eval()
+        model.requires_grad_(False)
+        phi, frozen = mabn.split_params(model)
+        for p in phi.values():
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(phi.values(), 1e-3)
+        episode = (x[:n_support], x[n_support:], y[n_support:])
+        with counter:
+            mabn.meta_step(model, phi, frozen, target, opt, [episode], augment_fn, inner_lr=1e-3, task=task)
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
+    return {"flops": counter.get_total_flops(), "rss_gib": rss_gib}
+
+
+def cost(names=tuple(WILDS_SIZES), log=print):
+    """The cost of one seed at each dataset's defaults, from one-step probes in fresh processes (python test_mabn.py
+    --cost [NAME ...]). Costs are linear in the images of a step, so two sizes give a per-image slope and an intercept
+    (the model's own memory): stage 1 on 2 and 6 images, the meta step on 2 + 2, 6 + 2 and 2 + 6 (support + query).
+    One seed = stage 1 (epochs x training images) + the pilot (7 x --pilot_steps meta steps) + stage 2
+    (meta_epochs x training images // (support + query)); validation and stage 3 are left out. -> {name: figures}"""
+    import subprocess
+    out = {}
+    for name in names:
+        probes = {}
+        for stage, n_support, n_query in ((1, 2, 0), (1, 6, 0), (2, 2, 2), (2, 6, 2), (2, 2, 6)):
+            call = f"test_mabn.cost_probe({name!r}, {stage}, {n_support}, {n_query})"
+            code = f"import json, test_mabn; print(json.dumps({call}))"
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                  cwd=os.path.dirname(os.path.abspath(__file__)))
+            probes[stage, n_support, n_query] = json.loads(done.stdout.strip().splitlines()[-1])
+        args = mabn.parse_args(["--dataset", name])
+        per_image_1 = {k: (probes[1, 6, 0][k] - probes[1, 2, 0][k]) / 4 for k in ("flops", "rss_gib")}
+        per_support = {k: (probes[2, 6, 2][k] - probes[2, 2, 2][k]) / 4 for k in ("flops", "rss_gib")}
+        per_query = {k: (probes[2, 2, 6][k] - probes[2, 2, 2][k]) / 4 for k in ("flops", "rss_gib")}
+        base_1 = probes[1, 2, 0]["rss_gib"] - 2 * per_image_1["rss_gib"]  # the model's own, before any image
+        base_2 = probes[2, 2, 2]["rss_gib"] - 2 * per_support["rss_gib"] - 2 * per_query["rss_gib"]
+        n_train = WILDS_SIZES[name][0]
+        meta_step = args.n_support * per_support["flops"] + args.n_query * per_query["flops"]
+        stage1 = args.epochs * n_train * per_image_1["flops"]
+        stage2 = args.meta_epochs * (n_train // (args.n_support + args.n_query)) * meta_step
+        pilot = (len(mabn.ALPHAS + mabn.DELTAS) - 1) * args.pilot_steps * meta_step
+        meta_gib = base_2 + args.n_support * per_support["rss_gib"] + args.n_query * per_query["rss_gib"]
+        out[name] = dict(gflop_stage1_image=per_image_1["flops"] / 1e9, gflop_support_image=per_support["flops"] / 1e9,
+                         gflop_query_image=per_query["flops"] / 1e9, flop_seed=stage1 + stage2 + pilot,
+                         gib_stage1_step=base_1 + args.batch_size * per_image_1["rss_gib"], gib_meta_step=meta_gib,
+                         flop_stage1=stage1, flop_stage2=stage2, flop_pilot=pilot)
+        f = out[name]
+        log(f"{name:<11} stage 1 {f['gflop_stage1_image']:6.0f} GFLOP/img, meta {f['gflop_support_image']:5.0f} "
+            f"(support) {f['gflop_query_image']:5.0f} (query) GFLOP/img | memory: stage-1 step (batch "
+            f"{args.batch_size}) {f['gib_stage1_step']:5.1f} GiB, meta step ({args.n_support}+{args.n_query}) "
+            f"{meta_gib:5.1f} GiB | one seed {f['flop_seed']:.2e} FLOP (pilot {pilot / stage2:.1%} of stage 2)")
+    return out
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--gain-shift"]:
         torch.set_num_threads(1)  # as the learning check
         mabn.main(*gain_shift(sys.argv[2:]))
+    elif sys.argv[1:2] == ["--cost"]:
+        cost(sys.argv[2:] or tuple(WILDS_SIZES))
     elif sys.argv[1:2] == ["--speed"]:
         speed(tiny="--tiny" in sys.argv, extra=[a for a in sys.argv[2:] if a != "--tiny"])
     else:
-        sys.exit("usage: python test_mabn.py --speed [--tiny] | --gain-shift [mabn.py flags]  (tests: python -m pytest "
-                 "test_mabn.py)")
+        sys.exit("usage: python test_mabn.py --speed [--tiny] | --cost [DATASET ...] | --gain-shift [mabn.py flags]  "
+                 "(tests: python -m pytest test_mabn.py)")
