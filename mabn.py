@@ -767,8 +767,9 @@ def run_seed(args, data, device, log):
     pilot = choose_lrs(model, target, data, args, device, log)
     stages["pilot"] = dict(time_s=pilot.pop("time_s"))
     vars(args).update(inner_lr=pilot["inner_lr"], outer_lr=pilot["outer_lr"])
-    if "no_inner" in args.methods:  # the control: stage 2 with alpha = 0 (phi fine-tuned on the joint loss alone)
-        control = argparse.Namespace(**{**vars(args), "inner_lr": 0.0})
+    if "no_inner" in args.methods:  # the control: stage 2 with alpha = 0 (phi fine-tuned on the joint loss alone);
+        # first order: with alpha = 0 the same gradient as second order, without building the second-order graph
+        control = argparse.Namespace(**{**vars(args), "inner_lr": 0.0, "first_order": True})
         stages["stage2_alpha0"] = train(2, model, target, data, control, device, log, name="stage2_alpha0")
         phis["meta0"] = clone_phi(model)
         model.load_state_dict(phis["stage1"], strict=False)  # stage 2 proper starts from stage 1's phi too

@@ -570,7 +570,7 @@ def test_control_row_is_stage2_without_the_inner_step_from_stage1(tmp_path, monk
     real_train, real_evaluate = mabn.train, mabn.evaluate
 
     def train(stage, model, target, data, args, device, log, name=None):
-        runs.append((name or f"stage{stage}", args.inner_lr, mabn.clone_phi(model)))
+        runs.append((name or f"stage{stage}", args.inner_lr, args.first_order, mabn.clone_phi(model)))
         return real_train(stage, model, target, data, args, device, log, name)
 
     def evaluate(model, target, phis, data, split, *rest, **kw):
@@ -582,10 +582,11 @@ def test_control_row_is_stage2_without_the_inner_step_from_stage1(tmp_path, monk
     monkeypatch.setattr(mabn, "evaluate", evaluate)
     args = tiny_args(tmp_path, "--methods", "no_inner", "none", "mabn", "--inner_lr", "0.5")
     out = mabn.main(args, data)["per_seed"][0]
-    assert [(name, lr) for name, lr, _ in runs] == [("stage1", 0.5), ("stage2_alpha0", 0.0), ("stage2", 0.5)]
+    assert [(name, lr, first) for name, lr, first, _ in runs] == [("stage1", 0.5, False), ("stage2_alpha0", 0.0, True),
+                                                                  ("stage2", 0.5, False)]  # (alpha 0: first order)
     ckpt = {name: torch.load(os.path.join(args.out_dir, "seed0", f"{name}.pt"), weights_only=True)["model"]
             for name in ("stage1", "stage2_alpha0", "stage2")}
-    for name, _, start in runs[1:]:  # both stage-2 runs start from stage 1's phi
+    for name, _, _, start in runs[1:]:  # both stage-2 runs start from stage 1's phi
         assert all(torch.equal(start[k], ckpt["stage1"][k]) for k in start), name
     (phis,) = phis_seen
     assert all(torch.equal(phis["meta0"][k], ckpt["stage2_alpha0"][k]) for k in phis["meta0"])
