@@ -1381,8 +1381,8 @@ def speed(tiny=False, extra=(), backbone=None, log=print):
     return out
 
 
-# The size of each dataset's training split (wilds 2.0; DomainNet: the five sources' official train lists when the
-# target is `real`) and its number of classes: what a full run's cost is computed from.
+# The size of each dataset's training split as published (WILDS 2.0; DomainNet: the five sources' official train
+# lists when the target is `real`; not counted here) and its number of classes: what a full run's cost comes from.
 WILDS_SIZES = {"iwildcam": (129809, 182), "camelyon17": (302436, 2), "rxrx1": (40612, 1139), "fmow": (76863, 62),
                "poverty": (9797, 1), "domainnet": (288926, 345)}
 
