@@ -550,8 +550,9 @@ def meta_batches(split, args, device, n_steps, gen):
             episodes.append(idx[torch.randperm(len(idx), generator=gen)][:args.n_support + args.n_query].tolist())
     meta_batch = []
     for x, y, *_ in make_loader(split.dataset, args, device, batch_sampler=episodes):
+        x, y = to_device(x, device), y.to(device, non_blocking=True)
         n_s = min(max(1, round(len(x) * args.n_support / (args.n_support + args.n_query))), len(x) - 1)
-        meta_batch.append((to_device(x[:n_s], device), to_device(x[n_s:], device), y[n_s:].to(device)))
+        meta_batch.append((x[:n_s], x[n_s:], y[n_s:]))
         if len(meta_batch) == per_step:
             yield meta_batch
             meta_batch = []
@@ -654,7 +655,6 @@ def choose_lrs(model, target, data, args, device, log):
     pilot per candidate, stage 2 cut to --pilot_steps outer steps from the stage-1 phi, scored as stage 2 scores itself
     (row mabn, args.val_metric); alpha on ALPHAS at delta = DELTAS[-1], then delta on DELTAS at that alpha. A pilot is a
     stage-2 checkpoint of its own. -> {inner_lr, outer_lr, candidates}; the model's phi is stage 1's on return."""
-    t0 = time.time()
     stage1_phi = clone_phi(model)
     n_steps = args.pilot_steps if args.max_steps is None else min(args.pilot_steps, args.max_steps)
     n_epochs = math.ceil(n_steps / meta_steps_per_epoch(data["splits"]["train"], args))
@@ -675,7 +675,7 @@ def choose_lrs(model, target, data, args, device, log):
     log(f"pilot: alpha {inner_lr:g}, delta {outer_lr:g}; scored " + ", ".join(f"({a:g}, {d:g}) {val:.4f}"
                                                                             for (a, d), val in scores.items()))
     candidates = [dict(inner_lr=alpha, outer_lr=delta, score=val) for (alpha, delta), val in scores.items()]
-    return dict(inner_lr=inner_lr, outer_lr=outer_lr, candidates=candidates, time_s=time.time() - t0)
+    return dict(inner_lr=inner_lr, outer_lr=outer_lr, candidates=candidates)
 
 # --- Flags with per-dataset defaults, and main ----------------------------------------------------------------------
 RGB_AUG = dict(min_scale=0.6, max_rot=0.0, flip=True, jitter=0.4, noise=0.0)
@@ -764,8 +764,9 @@ def run_seed(args, data, device, log):
     model, target = build_model(args, data, device)
     stages = {"stage1": train(1, model, target, data, args, device, log)}
     phis = {"stage1": clone_phi(model)}
+    t0 = time.time()
     pilot = choose_lrs(model, target, data, args, device, log)
-    stages["pilot"] = dict(time_s=pilot.pop("time_s"))
+    stages["pilot"] = dict(time_s=time.time() - t0)
     vars(args).update(inner_lr=pilot["inner_lr"], outer_lr=pilot["outer_lr"])
     if "no_inner" in args.methods:  # the control: stage 2 with alpha = 0 (phi fine-tuned on the joint loss alone);
         # first order: with alpha = 0 the same gradient as second order, without building the second-order graph

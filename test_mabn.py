@@ -604,6 +604,19 @@ def phis_of(model):
             "meta0": {k: v - 0.05 for k, v in phi.items()}}
 
 
+def record_row_params(monkeypatch):
+    """-> the list that mabn.row_params' calls fill, (row, the tensors it starts a domain with), domain after domain."""
+    made = []
+    real_row_params = mabn.row_params
+
+    def recording(row, *args):
+        made.append((row, real_row_params(row, *args)))
+        return made[-1][1]
+
+    monkeypatch.setattr(mabn, "row_params", recording)
+    return made
+
+
 def test_adapt_domain_changes_only_bn_affine():
     model, target = trained_bn(*tiny_model())
     before, target_before = snapshot(model), snapshot(target)
@@ -758,15 +771,7 @@ def test_one_pass_for_all_rows_equals_one_pass_each(tmp_path):
 def test_unmatched_uses_another_domains_adaptation(tmp_path, monkeypatch):
     data = make_synthetic()
     model, target = trained_bn(*tiny_model())
-    made = []  # (row, the tensors it predicts a domain with), domain after domain
-    real_row_params = mabn.row_params
-
-    def recording(row, *args):
-        params = real_row_params(row, *args)
-        made.append((row, params))
-        return params
-
-    monkeypatch.setattr(mabn, "row_params", recording)
+    made = record_row_params(monkeypatch)
     mabn.evaluate(model, target, phis_of(model), data, data["splits"]["test"], ["mabn", "mabn_unmatched"], [6],
                   tiny_args(tmp_path), torch.device("cpu"))
     matched = [p for row, p in made if row == "mabn"]
@@ -832,19 +837,14 @@ def test_tent_rows_adapt_per_test_batch_from_their_start_and_reset_for_every_dom
     data = make_synthetic(per_domain=30)
     model, target = trained_bn(*tiny_model())
     phis = phis_of(model)
-    calls, made = [], []
-    real_tent, real_row_params = mabn.tent_forward_and_adapt, mabn.row_params
+    calls, made = [], record_row_params(monkeypatch)
+    real_tent = mabn.tent_forward_and_adapt
 
     def tent(model, params, leaves, opt, x):
         calls.append(({k: v.detach().clone() for k, v in leaves.items()}, x))
         return real_tent(model, params, leaves, opt, x)
 
-    def row_params(row, *args):
-        made.append((row, real_row_params(row, *args)))
-        return made[-1][1]
-
     monkeypatch.setattr(mabn, "tent_forward_and_adapt", tent)
-    monkeypatch.setattr(mabn, "row_params", row_params)
     args = tiny_args(tmp_path, "--eval_batch_size", "7", "--n_adapt", "5")
     for row in ("mabn_tent_affine", "mabn_tent_bn", "tent_bn"):
         calls.clear()
@@ -880,14 +880,7 @@ def test_adaptation_is_visible_per_domain(tmp_path, monkeypatch):
     stage1)."""
     data = make_synthetic(per_domain=30)
     model, target = trained_bn(*tiny_model())
-    phis, made = phis_of(model), []
-    real_row_params = mabn.row_params
-
-    def row_params(row, *args):
-        made.append((row, real_row_params(row, *args)))
-        return made[-1][1]
-
-    monkeypatch.setattr(mabn, "row_params", row_params)
+    phis, made = phis_of(model), record_row_params(monkeypatch)
     test = data["splits"]["test"]
     out = mabn.evaluate(model, target, phis, data, test, ["stage1", "none", "mabn", "bn_stats"], [5],
                         tiny_args(tmp_path, "--inner_lr", "2.0", "--n_adapt", "5"), torch.device("cpu"))
