@@ -2,8 +2,10 @@
 import copy
 import functools
 import json
+import logging
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -483,11 +485,29 @@ def test_stage2_changes_only_bn_affine(tmp_path):
     with torch.no_grad():
         model(torch.rand(16, 3, 8, 8), aux=True)  # running statistics away from their initial values
     before = snapshot(model)
-    out = mabn.train(2, model, target, make_synthetic(), args, torch.device("cpu"), lambda msg: None)
+    out = mabn.train_meta(model, target, make_synthetic(), args)
     assert out["steps"] == 3
     changed = {k for k, v in snapshot(model).items() if not torch.equal(v, before[k])}
     assert changed and changed <= set(mabn.split_params(model)[0])
     assert any(k.endswith("running_mean") for k in before)  # the statistics were compared too
+
+
+def test_stage2_stops_when_bn_leaves_eval_mode(tmp_path, monkeypatch):
+    """Stage 2 rests on BN in eval mode (stage 1's statistics, never updated): a validation pass that leaves the model
+    training is caught at the next epoch, before a step could update the statistics."""
+    real_evaluate = mabn.evaluate
+
+    def leaves_training(model, *args, **kw):
+        out = real_evaluate(model, *args, **kw)
+        model.train()
+        return out
+
+    monkeypatch.setattr(mabn, "evaluate", leaves_training)
+    args = tiny_args(tmp_path, "--meta_epochs", "2")
+    os.makedirs(args.out_dir)
+    model, target = tiny_model()
+    with pytest.raises(AssertionError, match="eval mode"):
+        mabn.train_meta(model, target, make_synthetic(), args)
 
 
 def test_meta_batches_of_distinct_uniform_domains_each_with_disjoint_support_and_query(tmp_path):
@@ -496,7 +516,7 @@ def test_meta_batches_of_distinct_uniform_domains_each_with_disjoint_support_and
     split = mabn.Split(torch.utils.data.TensorDataset(index.float().view(-1, 1, 1, 1), index), domains, "train")
     args = tiny_args(tmp_path, "--n_support", "8", "--n_query", "6", "--meta_batch", "2")
     counts = {0: 0, 1: 0, 2: 0}
-    for meta_batch in mabn.meta_batches(split, args, torch.device("cpu"), 600, torch.Generator().manual_seed(0)):
+    for meta_batch in mabn.meta_batches(split, args, 600, torch.Generator().manual_seed(0), torch.device("cpu")):
         drawn = []
         for support_x, query_x, query_y in meta_batch:  # Alg. 1: B = 2 episodes per outer step
             support, query = support_x.flatten().long().tolist(), query_x.flatten().long().tolist()
@@ -511,12 +531,12 @@ def test_meta_batches_of_distinct_uniform_domains_each_with_disjoint_support_and
     # uniform over the domains (each in 2 of 3 steps: 400), not in proportion to their size (domain 0: ~580)
     assert sum(counts.values()) == 1200 and all(abs(n - 400) < 60 for n in counts.values()), counts
     args.meta_batch = 5  # more than the 3 domains with two images or more (domain 3 is skipped): B is capped
-    assert [len(b) for b in mabn.meta_batches(split, args, torch.device("cpu"), 4, torch.Generator())] == [3] * 4
+    assert [len(b) for b in mabn.meta_batches(split, args, 4, torch.Generator(), torch.device("cpu"))] == [3] * 4
 
 
 def test_pilot_chooses_alpha_then_delta_on_validation_and_a_given_value_wins(tmp_path, monkeypatch):
     data = make_synthetic()
-    real_evaluate, real_train = mabn.evaluate, mabn.train
+    real_evaluate, real_train_meta = mabn.evaluate, mabn.train_meta
     phi_at_stage2 = []
 
     def evaluate(model, target, phis, data, split, rows, ks, args, *rest, **kw):  # validation: a known optimum
@@ -525,13 +545,12 @@ def test_pilot_chooses_alpha_then_delta_on_validation_and_a_given_value_wins(tmp
         alpha, delta = math.log10(args.inner_lr or 1), math.log10(args.outer_lr or 1)
         return {rows[0]: {"acc_avg": -(alpha + 2) ** 2 - (delta + 2) ** 2}}  # best: alpha 1e-2, delta 1e-2
 
-    def train(stage, model, *rest, **kw):
-        if stage == 2:
-            phi_at_stage2.append(mabn.clone_phi(model))
-        return real_train(stage, model, *rest, **kw)
+    def train_meta(model, *rest, **kw):
+        phi_at_stage2.append(mabn.clone_phi(model))
+        return real_train_meta(model, *rest, **kw)
 
     monkeypatch.setattr(mabn, "evaluate", evaluate)
-    monkeypatch.setattr(mabn, "train", train)
+    monkeypatch.setattr(mabn, "train_meta", train_meta)
     for extra, expected, n_candidates in (([], (1e-2, 1e-2), 7), (["--inner_lr", "0.3"], (0.3, 1e-2), 3),
                                           (["--inner_lr", "0.3", "--outer_lr", "0.05"], (0.3, 0.05), 0)):
         args = mabn.parse_args(["--out_dir", str(tmp_path / str(len(extra))), "--epochs", "1", "--meta_epochs", "1",
@@ -567,18 +586,23 @@ def test_control_row_is_stage2_without_the_inner_step_from_stage1(tmp_path, monk
     proper, predicted without adaptation."""
     data = make_synthetic()
     runs, phis_seen = [], []
-    real_train, real_evaluate = mabn.train, mabn.evaluate
+    real_train_joint, real_train_meta, real_evaluate = mabn.train_joint, mabn.train_meta, mabn.evaluate
 
-    def train(stage, model, target, data, args, device, log, name=None):
-        runs.append((name or f"stage{stage}", args.inner_lr, args.first_order, mabn.clone_phi(model)))
-        return real_train(stage, model, target, data, args, device, log, name)
+    def train_joint(model, target, data, args):
+        runs.append(("stage1", args.inner_lr, args.first_order, mabn.clone_phi(model)))
+        return real_train_joint(model, target, data, args)
+
+    def train_meta(model, target, data, args, name="stage2"):
+        runs.append((name, args.inner_lr, args.first_order, mabn.clone_phi(model)))
+        return real_train_meta(model, target, data, args, name)
 
     def evaluate(model, target, phis, data, split, *rest, **kw):
         if split.name == "test":
             phis_seen.append({start: {k: v.clone() for k, v in phi.items()} for start, phi in phis.items()})
         return real_evaluate(model, target, phis, data, split, *rest, **kw)
 
-    monkeypatch.setattr(mabn, "train", train)
+    monkeypatch.setattr(mabn, "train_joint", train_joint)
+    monkeypatch.setattr(mabn, "train_meta", train_meta)
     monkeypatch.setattr(mabn, "evaluate", evaluate)
     args = tiny_args(tmp_path, "--methods", "no_inner", "none", "mabn", "--inner_lr", "0.5")
     out = mabn.main(args, data)["per_seed"][0]
@@ -652,9 +676,9 @@ def test_prediction_never_runs_aux_branch(tmp_path):
     for name in calls:
         getattr(model, name).register_forward_hook(lambda *a, name=name: calls.update({name: calls[name] + 1}))
     phis, cpu = phis_of(model), torch.device("cpu")
-    mabn.evaluate(model, target, phis, data, data["splits"]["test"], ["none", "stage1", "bn_stats"], [4], args, cpu)
+    mabn.evaluate(model, target, phis, data, data["splits"]["test"], ["none", "stage1", "bn_stats"], [4], args)
     assert calls == {"projector": 0, "predictor": 0}
-    mabn.evaluate(model, target, phis, data, data["splits"]["test"], ["mabn"], [4], args, cpu)
+    mabn.evaluate(model, target, phis, data, data["splits"]["test"], ["mabn"], [4], args)
     n_steps = len(data["splits"]["test"].by_domain) * args.inner_steps  # one online forward per inner step
     assert calls == {"projector": n_steps, "predictor": n_steps}
 
@@ -662,17 +686,17 @@ def test_prediction_never_runs_aux_branch(tmp_path):
 def test_support_sets_are_drawn_per_seed_and_domain_or_first_k_on_request(tmp_path):
     split = make_synthetic(per_domain=30)["splits"]["test"]
     args = tiny_args(tmp_path)
-    drawn = mabn.support_sets(split, 8, args)
-    assert drawn == mabn.support_sets(split, 8, args)  # a seeded draw
+    drawn = mabn.support_sets(split, 8, args.seed, args.support)
+    assert drawn == mabn.support_sets(split, 8, args.seed, args.support)  # a seeded draw
     positions = []
     for d, idx in split.by_domain.items():
         assert len(set(drawn[d])) == 8 and set(drawn[d]) <= set(idx)
         positions.append([idx.index(i) for i in drawn[d]])
     assert positions[0] != [0, 1, 2, 3, 4, 5, 6, 7] and positions[0] != positions[1]  # random, each domain its own
     args.seed = 1
-    assert all(drawn[d] != other for d, other in mabn.support_sets(split, 8, args).items())  # another seed
+    assert all(drawn[d] != other for d, other in mabn.support_sets(split, 8, args.seed, args.support).items())  # another seed
     args.support = "first"  # Meta-DMoE's protocol
-    assert mabn.support_sets(split, 8, args) == {d: idx[:8] for d, idx in split.by_domain.items()}
+    assert mabn.support_sets(split, 8, args.seed, args.support) == {d: idx[:8] for d, idx in split.by_domain.items()}
 
 
 def test_every_row_runs_on_the_same_support_sets(tmp_path, monkeypatch):
@@ -692,7 +716,7 @@ def test_every_row_runs_on_the_same_support_sets(tmp_path, monkeypatch):
     args = tiny_args(tmp_path, "--methods", "all", "--n_adapt", "8", "4", "--seeds", "0", "1", "--epochs", "1",
                      "--meta_epochs", "1")
     out = mabn.main(args, data)
-    with_k = [r for r in mabn.ROWS if mabn.sees_support(r)]
+    with_k = [r for r in mabn.ROWS if mabn.ROWS[r].uses_support]
     assert set(with_k) == {"bn_stats", "no_meta", "mabn", "mabn_bn", "mabn_tent_bn", "mabn_tent_affine",
                            "mabn_unmatched"}
     for result in out["per_seed"]:
@@ -701,7 +725,7 @@ def test_every_row_runs_on_the_same_support_sets(tmp_path, monkeypatch):
     expected = {}  # (seed, k, domain) -> the images of its support set
     for seed in (0, 1):
         args.seed = seed
-        for d, idx in mabn.support_sets(test, 8, args).items():
+        for d, idx in mabn.support_sets(test, 8, args.seed, args.support).items():
             for k in (4, 8):
                 expected[seed, k, d] = test.dataset.tensors[0][idx[:k]]  # nested: k = 4 takes the first 4 of 8
     seen = {name: set() for name, _ in used}
@@ -729,7 +753,7 @@ def test_every_row_starts_and_adapts_as_the_readme_says(row):
     phis["meta"] = phi
     support_x, args = 2 * torch.rand(6, 3, 8, 8, generator=gen), mabn.parse_args(["--inner_lr", "0.5"])
     start, stats, rule = README_ROWS[row]
-    params = mabn.row_params(row, model, target, phis, frozen, support_x, fixed_aug, args)
+    params = mabn.row_params(row, model, target, phis, frozen, support_x, fixed_aug, args.inner_lr, args.inner_steps)
     assert mabn.ROWS == README_ROWS
     # statistics: stage 1's, the support set's (the first BN sees the first conv's output), or none at all: "batch"
     # rows normalise each batch with its own (test_batch_statistics_normalise_every_layer_with_the_batchs_own)
@@ -759,12 +783,12 @@ def test_one_pass_for_all_rows_equals_one_pass_each(tmp_path):
     args = tiny_args(tmp_path, "--eval_batch_size", "7", "--n_adapt", "5")
     split, cpu, phis = data["splits"]["test"], torch.device("cpu"), phis_of(model)
     before, target_before = snapshot(model), snapshot(target)
-    together = mabn.evaluate(model, target, phis, data, split, list(mabn.ROWS), [5], args, cpu)
+    together = mabn.evaluate(model, target, phis, data, split, list(mabn.ROWS), [5], args)
     assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())  # every row, TENT's too, leaves the
     assert all(torch.equal(v, target_before[k]) for k, v in snapshot(target).items())  # modules as they were
     for row in mabn.ROWS:  # (with the row it compares with for "changed")
         plain = mabn.UNADAPTED[mabn.ROWS[row][0]]
-        assert mabn.evaluate(model, target, phis, data, split, [row, plain], [5], args, cpu)[row] == together[row], row
+        assert mabn.evaluate(model, target, phis, data, split, [row, plain], [5], args)[row] == together[row], row
     assert together["mabn_tent_bn"] != together["mabn"] != together["none"]
 
 
@@ -773,7 +797,7 @@ def test_unmatched_uses_another_domains_adaptation(tmp_path, monkeypatch):
     model, target = trained_bn(*tiny_model())
     made = record_row_params(monkeypatch)
     mabn.evaluate(model, target, phis_of(model), data, data["splits"]["test"], ["mabn", "mabn_unmatched"], [6],
-                  tiny_args(tmp_path), torch.device("cpu"))
+                  tiny_args(tmp_path))
     matched = [p for row, p in made if row == "mabn"]
     unmatched = [p for row, p in made if row == "mabn_unmatched"]
     phi_names, n = list(mabn.split_params(model)[0]), len(matched)
@@ -849,7 +873,7 @@ def test_tent_rows_adapt_per_test_batch_from_their_start_and_reset_for_every_dom
     for row in ("mabn_tent_affine", "mabn_tent_bn", "tent_bn"):
         calls.clear()
         made.clear()
-        mabn.evaluate(model, target, phis, data, data["splits"]["test"], [row], [5], args, torch.device("cpu"))
+        mabn.evaluate(model, target, phis, data, data["splits"]["test"], [row], [5], args)
         assert [len(x) for _, x in calls] == [7, 7, 7, 7, 2] * 3  # every test batch of the 3 domains, in order
         made_here = [params for name, params in made if name == row]  # the row's tensors, domain by domain
         for d in range(3):
@@ -883,7 +907,7 @@ def test_adaptation_is_visible_per_domain(tmp_path, monkeypatch):
     phis, made = phis_of(model), record_row_params(monkeypatch)
     test = data["splits"]["test"]
     out = mabn.evaluate(model, target, phis, data, test, ["stage1", "none", "mabn", "bn_stats"], [5],
-                        tiny_args(tmp_path, "--inner_lr", "2.0", "--n_adapt", "5"), torch.device("cpu"))
+                        tiny_args(tmp_path, "--inner_lr", "2.0", "--n_adapt", "5"))
     assert "phi_shift" not in out["none"] and "changed" not in out["stage1"]
     x = test.dataset.tensors[0]
     for (d, idx), (_, params) in zip(test.by_domain.items(), [p for p in made if p[0] == "mabn"]):
@@ -1017,14 +1041,38 @@ def test_wilds_missing_folder_is_one_clear_line(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Reliability: bad input, interruptions and repeatability
 # ----------------------------------------------------------------------------------------------------------
+# The flags that take their dataset's value, written here rather than read from mabn.py
+TUNED = ["n_adapt", "epochs", "batch_size", "lr", "lr_decay_epoch", "weight_decay", "aux_weight", "ema", "proj_hidden",
+         "proj_dim", "meta_epochs", "n_support", "n_query", "meta_batch", "inner_steps", "pilot_steps", "tent_lr",
+         "eval_batch_size", "img_size"]
+
+
+@pytest.mark.parametrize("dataset", ["digits", "fmow"])
+def test_help_gives_every_tuned_flag_its_meaning_and_the_datasets_value(dataset, capsys, monkeypatch):
+    assert all(values.keys() == mabn.DATASETS["digits"].keys() for values in mabn.DATASETS.values())
+    args = mabn.parse_args(["--dataset", dataset])
+    assert all(getattr(args, name) == mabn.DATASETS[dataset][name] for name in mabn.DATASETS[dataset])
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit):
+        mabn.parse_args(["--dataset", dataset, "--help"])
+    text = capsys.readouterr().out
+    assert f"{dataset}'s values" in text
+    entries = [" ".join(entry.split()) for entry in re.split(r"\n(?=  -)", text)]  # one per flag
+    for name in TUNED:
+        (entry,) = [entry for entry in entries if entry.startswith(f"--{name} ")]
+        meaning = entry.split("(default:")[0].replace(f"--{name}", "").replace(name.upper(), "")
+        assert len(meaning.strip(" .[]")) > 8, entry
+        assert f"(default: {mabn.DATASETS[dataset][name]})" in entry, entry
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--dataset", "imagenet"], "--dataset"), (["--methods", "mabn", "magic"], "--methods"),
-    (["--lr", "0"], "--lr must be > 0"), (["--inner_lr", "-1"], "--inner_lr must be >= 0"),
-    (["--outer_lr", "0"], "--outer_lr must be > 0"), (["--epochs", "-1"], "--epochs must be >= 0"),
-    (["--n_adapt", "8", "0"], "--n_adapt must be > 0"), (["--batch_size", "0"], "--batch_size must be > 0"),
-    (["--ema", "1.5"], "--ema must be in [0, 1)"), (["--meta_batch", "0"], "--meta_batch must be > 0"),
-    (["--support", "last"], "--support"), (["--tent_lr", "0"], "--tent_lr must be > 0"),
-    (["--num_workers", "-1"], "--num_workers must be >= 0")])
+    (["--lr", "0"], "--lr: must be > 0"), (["--inner_lr", "-1"], "--inner_lr: must be >= 0"),
+    (["--outer_lr", "0"], "--outer_lr: must be > 0"), (["--epochs", "-1"], "--epochs: must be >= 0"),
+    (["--n_adapt", "8", "0"], "--n_adapt: must be > 0"), (["--batch_size", "0"], "--batch_size: must be > 0"),
+    (["--ema", "1.5"], "--ema: must be in [0, 1)"), (["--meta_batch", "0"], "--meta_batch: must be > 0"),
+    (["--support", "last"], "--support"), (["--tent_lr", "0"], "--tent_lr: must be > 0"),
+    (["--num_workers", "-1"], "--num_workers: must be >= 0")])
 def test_bad_flags_fail_with_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:
         mabn.parse_args(argv)
@@ -1103,10 +1151,10 @@ def test_two_runs_with_one_seed_are_identical(tmp_path):  # kill and resume: tes
                                                  final_checkpoints(tmp_path / "again")[1].values()))
 
 
-def test_small_target_domain_adapts_on_all_it_has_and_says_so(tmp_path, monkeypatch):
+def test_small_target_domain_adapts_on_all_it_has_and_says_so(tmp_path, monkeypatch, caplog):
     data = make_synthetic(per_domain=6)
     model, target = trained_bn(*tiny_model())
-    notes, used = [], []
+    used = []
     real_adapt_domain = mabn.adapt_domain
 
     def recording(*args):
@@ -1114,8 +1162,10 @@ def test_small_target_domain_adapts_on_all_it_has_and_says_so(tmp_path, monkeypa
         return real_adapt_domain(*args)
 
     monkeypatch.setattr(mabn, "adapt_domain", recording)
+    caplog.set_level(logging.INFO, logger="mabn")
     mabn.evaluate(model, target, phis_of(model), data, data["splits"]["test"], ["none", "mabn"], [10],
-                  tiny_args(tmp_path, "--n_adapt", "10"), torch.device("cpu"), log=notes.append)
+                  tiny_args(tmp_path, "--n_adapt", "10"))
+    notes = [r.getMessage() for r in caplog.records if r.name == "mabn"]
     assert len(notes) == 1 and "fewer than 10 images" in notes[0] and used == [6, 6, 6]
 
 
@@ -1308,8 +1358,8 @@ def speed(tiny=False, extra=(), backbone=None, log=print):
     # (a): stage 1 fed by the loader against stage 1 fed from the device
     model.train()
     target.train()
-    loader = mabn.make_loader(data["splits"]["train"].dataset, args, device, batch_size=args.batch_size, shuffle=True,
-                              drop_last=True)
+    loader = mabn.make_loader(data["splits"]["train"].dataset, args.num_workers, batch_size=args.batch_size,
+                              shuffle=True, drop_last=True)
     batches = (batch for _ in iter(int, 1) for batch in loader)  # endless, epoch after epoch
     on_device = [(mabn.to_device(b[0], device), b[1].to(device)) for b in (next(batches) for _ in range(3))]
     B = args.batch_size
@@ -1331,7 +1381,7 @@ def speed(tiny=False, extra=(), backbone=None, log=print):
 
     def stage3(row):
         t = time.time()
-        mabn.evaluate(model, target, phis, data, test, [row], args.n_adapt, args, device, log=lambda msg: None)
+        mabn.evaluate(model, target, phis, data, test, [row], args.n_adapt, args)
         return len(test.domains) / (time.time() - t)
 
     stage3("none")  # first pass: page cache and the workers' first start
