@@ -155,7 +155,7 @@ def predict(model, params, x):
     (B, C, H, W) with params, e.g. {**frozen, **phi~}. The model's BN must be in eval mode."""
     return functional_call(model, params, (x,))
 # ======================== END METHOD ========================
-import argparse, functools, glob, json, logging, math, os, sys, time  # noqa: E401, E402 (harness)
+import argparse, functools, glob, json, logging, math, os, sys, time  # noqa: E401, E402
 from statistics import mean  # noqa: E402
 from typing import NamedTuple  # noqa: E402
 
@@ -165,8 +165,7 @@ log = logging.getLogger("mabn").info  # main sends it to the terminal and log.tx
 
 # --- Baselines and the paper's analyses (Tables 3-4, Fig. 5) ---
 def batch_statistics(params):
-    """params without the backbone's BN running statistics: each batch normalised with its own
-    (TENT's "update BN")."""
+    """params without the backbone's BN statistics: each batch normalised with its own (TENT)."""
     running = ("running_mean", "running_var")
     return {k: None if k.startswith("backbone.") and k.endswith(running) else v
             for k, v in params.items()}
@@ -191,15 +190,15 @@ def reestimate_bn_stats(model, params, support_x):
     return stats
 
 def tent_setup(phi, lr=1e-3):
-    """TENT's collect_params and setup_optimizer (its code's Adam, lr 1e-3, betas 0.9, 0.999) on
-    phi's backbone part. -> (leaves, optimiser)"""
+    """TENT's collect_params and setup_optimizer (its Adam, lr 1e-3, betas 0.9, 0.999) on phi's
+    backbone part. -> (leaves, optimiser)"""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in phi.items()
               if k.startswith("backbone.")}
     return leaves, torch.optim.Adam(leaves.values(), lr, betas=(0.9, 0.999))
 
 def tent_forward_and_adapt(model, params, leaves, opt, x):
-    """TENT's forward_and_adapt (Wang et al. 2021) on a test batch x (B, C, H, W): predict, then one
-    step of opt on the leaves, on the batch's mean entropy. -> (B, n_classes)"""
+    """TENT's forward_and_adapt (Wang et al. 2021) on a test batch x (B, C, H, W): predict, then
+    one step of opt on the batch's mean entropy. -> (B, n_classes)"""
     with torch.enable_grad():
         logits = functional_call(model, {**params, **leaves}, (x,))
         entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
@@ -215,13 +214,13 @@ class Row(NamedTuple):  # a row of stage 3's table
     rule: str  # adaptation: None, mabn (Eq. 3), tent (online), mabn+tent, unmatched
 
     @property
-    def uses_support(self):  # whether it reads a domain's k support images
+    def uses_support(self):  # whether it reads k support images
         return self.stats == "support" or self.rule in ("mabn", "mabn+tent", "unmatched")
 
 ROWS = {
     "stage1": Row("stage1", "source", None),  # ablation: joint training, no adaptation
     "bn_stats": Row("stage1", "support", None),  # Schneider et al. 2020
-    "tent_bn": Row("stage1", "batch", "tent"),  # Table 4: TENT, update BN (TENT as published)
+    "tent_bn": Row("stage1", "batch", "tent"),  # Table 4: TENT, update BN (as published)
     "tent_affine": Row("stage1", "source", "tent"),  # Table 4: TENT, update affine
     "no_meta": Row("stage1", "source", "mabn"),  # Fig. 5, ablation: no meta-training
     "no_inner": Row("meta0", "source", None),  # the control: stage 2 without its inner step
@@ -242,8 +241,7 @@ def row_names(rows, ks):
     return names
 
 def row_params(row, model, target, phis, frozen, support_x, augment_fn, inner_lr, inner_steps=1):
-    """The tensors `row` predicts a domain with, from phis[its start] and k unlabelled images
-    support_x (k, C, H, W)."""
+    """The tensors `row` predicts a domain with, from phis[its start] and support_x (k, C, H, W)."""
     start, stats, rule = ROWS[row]
     phi = phis[start]
     if stats == "support" or (stats == "batch" and rule == "mabn+tent"):  # MABN's "update BN"
@@ -255,7 +253,7 @@ def row_params(row, model, target, phis, frozen, support_x, augment_fn, inner_lr
     return {**frozen, **{k: v.detach() for k, v in phi.items()}}
 
 # --- Data and backbones ---
-class Split:  # dataset[i] -> (x, y, ...); domains[i]: its domain; by_domain: {domain: indices}
+class Split:  # dataset[i] -> (x, y, ...); domains[i]: its domain
     def __init__(self, dataset, domains, name):
         self.dataset = dataset
         self.domains = torch.as_tensor(domains)
@@ -268,7 +266,7 @@ def make_loader(dataset, num_workers, **kw):  # workers kept across epochs
                                        persistent_workers=num_workers > 0,
                                        pin_memory=torch.cuda.is_available())
 
-def to_device(x, device):  # uint8 photos become floats in [0, 1] there
+def to_device(x, device):  # uint8 photos -> floats in [0, 1]
     x = x.to(device, non_blocking=True)
     return x.float().div_(255) if x.dtype == torch.uint8 else x
 
@@ -327,7 +325,7 @@ def make_digits(size=16, n_source=24, n_val=4, n_test=8, per_domain=150, seed=0)
             out[split].append((part_img, y_all[part], torch.full((len(part),), d)))
     return {s: tuple(torch.cat(t) for t in zip(*parts)) for s, parts in out.items()}
 
-def resize(x, img_size):  # -> (C, img_size, img_size): photos uint8, PovertyMap's float
+def resize(x, img_size):  # -> (C, img_size, img_size): uint8 photos, float arrays
     if torch.is_tensor(x):
         return F.interpolate(x[None].float(), (img_size,) * 2, mode="bilinear", antialias=True)[0]
     from torchvision.transforms.functional import pil_to_tensor
@@ -346,7 +344,7 @@ def load_wilds(args):
     if not args.download and not glob.glob(os.path.join(where, f"{name}_v*", "RELEASE_v*.txt")):
         sys.exit(f"error: no {name} data under {where} (wilds expects a folder {name}_v<version>/ "
                  f"with a RELEASE_v<version>.txt); download it there or pass --download")
-    sys.modules.setdefault("outdated", None)  # wilds' version check needs the network
+    sys.modules.setdefault("outdated", None)  # wilds' version check: network
     sys.modules.setdefault("torch_scatter", argparse.Namespace(scatter=scatter))
     import wilds
     from wilds.common.grouper import CombinatorialGrouper
@@ -354,10 +352,10 @@ def load_wilds(args):
     def get(**kw):
         try:
             return wilds.get_dataset(name, root_dir=args.root_dir, download=args.download, **kw)
-        except (OSError, ValueError) as e:  # a failed download, or missing files
+        except (OSError, ValueError) as e:  # a failed download, missing files
             sys.exit(f"error: {name} under {where} is incomplete ({type(e).__name__}: {e}); fetch "
                      f"it by hand")
-    if name == "domainnet":  # leave one out; validation on the sources' test images
+    if name == "domainnet":  # leave one out; validation on the sources' test sets
         objs = [get(source_domain=d, target_domain=args.target_domain) for d in DOMAINNET_DOMAINS
                 if d != args.target_domain]
         parts = {"train": [(o, "train") for o in objs], "val": [(o, "id_test") for o in objs]}
@@ -385,7 +383,7 @@ def load_wilds(args):
     return dict(splits=splits, n_outputs=1 if task == "regression" else objs[0].n_classes,
                 task=task, in_channels=8 if name == "poverty" else 3, norm=norm, evaluate=evaluate)
 
-def load_data(args):  # -> dict(splits={name: Split}, n_outputs, task, in_channels, norm, evaluate)
+def load_data(args):  # -> dict(splits, n_outputs, task, in_channels, norm, evaluate)
     if args.dataset != "digits":
         return load_wilds(args)
     splits = {s: Split(torch.utils.data.TensorDataset(x.float() / 255, y), domains, s)
@@ -457,7 +455,7 @@ def build_backbone(name, in_channels, pretrained=False, width=16):
     last = "classifier" if arch == "densenet121" else "fc"
     dim = getattr(net, last).in_features
     setattr(net, last, nn.Identity())
-    if in_channels != 3:  # PovertyMap's 8 bands: the RGB filters, their mean for the others
+    if in_channels != 3:  # PovertyMap's 8 bands: RGB filters, their mean for the rest
         rgb = net.conv1.weight.detach()  # (64, 3, 7, 7)
         net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
         extra = rgb.mean(1, keepdim=True).expand(-1, in_channels - 3, -1, -1)
@@ -465,7 +463,7 @@ def build_backbone(name, in_channels, pretrained=False, width=16):
             net.conv1.weight.copy_(torch.cat([rgb, extra], 1))
     return net, dim
 
-def build_model(args, data, device):  # -> (MABNNet, its target); channels_last on CUDA
+def build_model(args, data, device):  # -> (MABNNet, its target)
     net, feat_dim = build_backbone(args.backbone, data["in_channels"], args.pretrained)
     backbone = nn.Sequential(normalizer(data["norm"], data["in_channels"]), net)
     model = MABNNet(backbone, feat_dim, data["n_outputs"], args.proj_hidden, args.proj_dim)
@@ -486,11 +484,12 @@ def support_sets(split, k, seed, how="random"):
 
 def evaluate(model, target, phis, data, split, rows, ks, args):
     """Stage 3: each row adapts to every domain from its support set (at each k), then predicts it
-    in one pass, TENT per batch. -> {name: metrics, phi_shift, changed}"""
+    in one pass, TENT per batch. -> {name: metrics; per domain phi_shift, ||phi~ - phi|| / ||phi||,
+    and changed, the share of predictions unlike the plain row's}"""
     device = next(model.parameters()).device
     model.eval()
     target.eval()
-    tent_rules = ("tent", "mabn+tent")  # TENT's entropy: classification only
+    tent_rules = ("tent", "mabn+tent")  # entropy: classification only
     names = {name: (row, k) for name, (row, k) in row_names(rows, ks).items()
              if data["task"] == "classification" or ROWS[row].rule not in tent_rules}
     supports = {}  # every domain's support images, read once
@@ -518,8 +517,10 @@ def evaluate(model, target, phis, data, split, rows, ks, args):
             states[name] = (params, tent, {**phi, **(tent[0] if tent else {})})
         return states
 
-    n = args.eval_batch_size  # the test batches, domain after domain
-    batches = [idx[a:a + n] for idx in split.by_domain.values() for a in range(0, len(idx), n)]
+    # one pass: the test batches, domain after domain
+    size = args.eval_batch_size
+    batches = [idx[a:a + size] for idx in split.by_domain.values()
+               for a in range(0, len(idx), size)]
     loader = make_loader(split.dataset, args.num_workers, batch_sampler=batches)
     outputs = {name: [] for name in names}
     labels = []
@@ -527,7 +528,7 @@ def evaluate(model, target, phis, data, split, rows, ks, args):
     for idx, (x, y, *_) in tqdm(zip(batches, loader), total=len(batches),
                                 desc=f"stage 3 {split.name}", leave=False, disable=None):
         d = int(split.domains[idx[0]])
-        if idx[0] == split.by_domain[d][0]:  # a domain's first batch: every row adapts
+        if idx[0] == split.by_domain[d][0]:  # a domain starts: every row adapts
             states = start_domain(d)
             for name, (_, _, phi) in states.items():
                 adapted[name][d] = phi
@@ -542,7 +543,7 @@ def evaluate(model, target, phis, data, split, rows, ks, args):
     outputs = {name: torch.cat(out).cpu()[inverse] for name, out in outputs.items()}
     results = {name: data["evaluate"](split, outputs[name], torch.cat(labels)[inverse])
                for name in names}
-    for name, (row, _) in names.items():  # what adaptation changed, against the plain row
+    for name, (row, _) in names.items():  # what adaptation changed
         start, stats, rule = ROWS[row]
         if (stats, rule) == ("source", None) or UNADAPTED[start] not in names:
             continue
@@ -558,14 +559,14 @@ def evaluate(model, target, phis, data, split, rows, ks, args):
                                         for d in domains}
     return results
 
-STAGE_FLAGS = {  # what a stage's checkpoint depends on (stage 2: also stage 1's)
+STAGE_FLAGS = {  # what a stage's checkpoint depends on
     1: ("dataset", "seed", "epochs", "batch_size", "lr", "lr_decay_epoch", "weight_decay",
         "aux_weight", "ema", "max_steps", "img_size", "proj_hidden", "proj_dim", "pretrained",
         "target_domain"),
     2: ("meta_epochs", "n_support", "n_query", "meta_batch", "inner_lr", "outer_lr", "inner_steps",
         "first_order", "support")}
 
-def save_atomic(obj, path):  # a temporary file renamed over path: the old file or the new, not half
+def save_atomic(obj, path):  # renamed over path: the old file or the new, never half
     tmp = f"{path}.tmp{os.getpid()}"
     if path.endswith(".json"):
         with open(tmp, "w") as f:
@@ -574,7 +575,7 @@ def save_atomic(obj, path):  # a temporary file renamed over path: the old file 
         torch.save(obj, tmp)
     os.replace(tmp, path)
 
-def load_checkpoint(path, flags):  # None if there is none; exits if it cannot be used
+def load_checkpoint(path, flags):  # None if there is none; exits if unusable
     if not os.path.exists(path):
         return None
     try:
@@ -607,21 +608,25 @@ class StageRun:
         self.path = os.path.join(args.out_dir, f"{name}.pt")
         names = [k for s in range(1, stage + 1) for k in STAGE_FLAGS[s]]
         self.flags = {"format": 2, **{k: getattr(args, k) for k in names}}
-        if stage == 2:  # the k its validation adapts with
+        if stage == 2:  # the k of its validation
             self.flags["val_n_adapt"] = args.n_adapt[0]
-        self.parts = dict(model=model, target=target, opt=opt)  # a checkpoint's
+        self.model = model
+        self.target = target
+        self.opt = opt
         self.gens = gens
         self.data = data
         self.args = args
-        self.val_row = "stage1" if stage == 1 else "mabn"  # what validation scores
+        self.val_row = "stage1" if stage == 1 else "mabn"  # validation's row
         self.kept = set(model.state_dict() if stage == 1 else split_params(model)[0])
         self.n_epochs = args.epochs if stage == 1 else args.meta_epochs
-        self.started, self.images, self.seconds = time.time(), 0, 0.0  # the stage's img/s
+        self.started = time.time()
+        self.images = 0  # and seconds: img/s
+        self.seconds = 0.0
         fresh = dict(done=False, stage=stage, epoch=-1, steps=0, best_metric=-math.inf, best=None)
         self.ckpt = load_checkpoint(self.path, self.flags) or fresh
-        for key, part in self.parts.items():
+        for key in ("model", "target", "opt"):
             if key in self.ckpt:
-                part.load_state_dict(self.ckpt[key])
+                getattr(self, key).load_state_dict(self.ckpt[key])
         for gen, state in zip(gens, self.ckpt.get("gens", [])):
             gen.set_state(state)
         if "model" in self.ckpt:
@@ -633,42 +638,42 @@ class StageRun:
         return range(0) if self.ckpt["done"] else range(self.ckpt["epoch"] + 1, self.n_epochs)
 
     def end_epoch(self, epoch, losses, n_images, t0):
-        model, target = self.parts["model"], self.parts["target"]
-        row = self.val_row
         means = mean_losses(losses, f"{self.label}, epoch {epoch + 1}", self.path) if losses else {}
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the epoch's time includes its GPU work
         seconds = time.time() - t0
         self.images += n_images
         self.seconds += seconds
-        results = evaluate(model, target, {ROWS[row].start: split_params(model)[0]}, self.data,
-                           self.data["splits"]["val"], [row], self.args.n_adapt[:1], self.args)
+        row = self.val_row
+        phis = {ROWS[row].start: split_params(self.model)[0]}
+        results = evaluate(self.model, self.target, phis, self.data, self.data["splits"]["val"],
+                           [row], self.args.n_adapt[:1], self.args)
         val = results[row][self.args.val_metric]
         if self.ckpt["best"] is None or val > self.ckpt["best_metric"]:
-            best = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.kept}
-            best_target = {k: v.detach().clone() for k, v in target.state_dict().items()}
-            self.ckpt.update(best_metric=val, best=dict(model=best, target=best_target))
+            model = {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                     if k in self.kept}
+            target = {k: v.detach().clone() for k, v in self.target.state_dict().items()}
+            self.ckpt.update(best_metric=val, best=dict(model=model, target=target))
         losses_text = "".join(f"{k} {v:.4f} " for k, v in means.items())
         log(f"{self.label} epoch {epoch + 1}/{self.n_epochs}: {losses_text}| "
             f"{n_images / seconds:.0f} img/s | val {row} {self.args.val_metric} {val:.4f}")
         self.ckpt.update(epoch=epoch, steps=self.steps)
         if epoch + 1 < self.n_epochs:  # resumable; finish() saves the last epoch
-            states = {key: part.state_dict() for key, part in self.parts.items()}
+            states = {key: getattr(self, key).state_dict() for key in ("model", "target", "opt")}
             gens = [gen.get_state() for gen in self.gens]
             save_atomic(dict(self.ckpt, **states, gens=gens, flags=self.flags), self.path)
 
-    def finish(self):  # -> dict(steps, time_s, val, img_per_s)
-        model, target = self.parts["model"], self.parts["target"]
+    def finish(self):  # -> dict(steps, time_s, val, and img_per_s if it trained)
         if not self.ckpt["done"]:
             if self.ckpt["best"] is not None:  # the best epoch, with its target
-                model.load_state_dict(self.ckpt["best"]["model"], strict=False)
-                target.load_state_dict(self.ckpt["best"]["target"])
+                self.model.load_state_dict(self.ckpt["best"]["model"], strict=False)
+                self.target.load_state_dict(self.ckpt["best"]["target"])
             save_atomic(dict(done=True, stage=self.ckpt["stage"], steps=self.steps,
-                             model=model.state_dict(), target=target.state_dict(),
+                             model=self.model.state_dict(), target=self.target.state_dict(),
                              best_metric=self.ckpt["best_metric"], flags=self.flags), self.path)
         seconds = time.time() - self.started
         out = dict(steps=self.steps, time_s=seconds, val=self.ckpt["best_metric"])
-        if self.seconds:  # trained here, not loaded
+        if self.seconds:
             out["img_per_s"] = round(self.images / self.seconds, 1)
         return out
 
@@ -676,8 +681,9 @@ def train_joint(model, target, data, args):
     """Stage 1, Eq. (2): the whole network on the source domains mixed, Adam."""
     device = next(model.parameters()).device
     train = data["splits"]["train"]
-    aug_gen = torch.Generator(device).manual_seed(args.seed)  # views and order: own generators,
-    order_gen = torch.Generator().manual_seed(args.seed)  # restored on resuming
+    # own generators for the views and the order, restored on resuming
+    aug_gen = torch.Generator(device).manual_seed(args.seed)
+    order_gen = torch.Generator().manual_seed(args.seed)
     augment_fn = functools.partial(augment, gen=aug_gen, **args.aug)
     sampler = torch.utils.data.RandomSampler(train.dataset, generator=order_gen)
     loader = make_loader(train.dataset, args.num_workers, batch_size=args.batch_size,
@@ -686,11 +692,13 @@ def train_joint(model, target, data, args):
                            fused=device.type == "cuda")
     run = StageRun(1, "stage1", model, target, opt, [aug_gen, order_gen], data, args)
     for epoch in run.epochs():
+        # the paper halves the LR after a fixed epoch
         t0 = time.time()
-        for group in opt.param_groups:  # the paper halves the LR after a fixed epoch
+        for group in opt.param_groups:
             group["lr"] = args.lr * (0.5 if epoch >= args.lr_decay_epoch else 1.0)
         model.train()
         target.train()
+        # Eq. (2) on every batch; the losses stay on the device
         losses = []
         n_images = 0
         for x, y, *_ in tqdm(loader, desc=f"stage 1, epoch {epoch + 1}", leave=False, disable=None):
@@ -698,16 +706,16 @@ def train_joint(model, target, data, args):
                 break
             x, y = to_device(x, device), y.to(device, non_blocking=True)
             loss_main, loss_aux = joint_step(model, target, opt, x, y, augment_fn, args.aux_weight,
-                                             args.ema, data["task"])  # Eq. (2)
-            losses.append(dict(main=loss_main, aux=loss_aux))  # on the device: no sync
+                                             args.ema, data["task"])
+            losses.append(dict(main=loss_main, aux=loss_aux))
             n_images += len(x)
             run.steps += 1
         run.end_epoch(epoch, losses, n_images, t0)
     return run.finish()
 
 def meta_batches(split, args, n_steps, order_gen, device):
-    """Stage 2's meta batches (Alg. 1): B distinct source domains, each an episode of disjoint
-    support and query images: [(support_x, query_x, query_y)] * B."""
+    """Stage 2's meta batches (Alg. 1): B distinct source domains of two images or more, each an
+    episode of disjoint support and query images: [(support_x, query_x, query_y)] * B."""
     by_domain = [torch.tensor(idx) for idx in split.by_domain.values() if len(idx) >= 2]
     per_step = min(args.meta_batch, len(by_domain))
     episodes = []  # index lists, B after B
@@ -733,7 +741,7 @@ def train_meta(model, target, data, args, name="stage2"):
     device = next(model.parameters()).device
     train = data["splits"]["train"]
     phi, frozen = split_params(model)
-    aug_gen = torch.Generator(device).manual_seed(args.seed + 2)
+    aug_gen = torch.Generator(device).manual_seed(args.seed + 2)  # stage 1's seeds + 2
     order_gen = torch.Generator().manual_seed(args.seed + 2)
     model.requires_grad_(False)
     for p in phi.values():  # only phi learns (Eq. 4)
@@ -747,7 +755,6 @@ def train_meta(model, target, data, args, name="stage2"):
     target.eval()
     for epoch in run.epochs():
         t0 = time.time()
-        assert not any(m.training for m in model.modules()), "stage 2 needs BN in eval mode"
         losses = []
         n_images = 0
         batches = meta_batches(train, args, meta_steps_per_epoch(train, args), order_gen, device)
@@ -755,7 +762,10 @@ def train_meta(model, target, data, args, name="stage2"):
                              disable=None):
             if run.steps >= (args.max_steps or math.inf):
                 break
-            step_losses = meta_step(model, phi, frozen, target, opt, episodes, **meta_kw)  # Eq. 3-4
+            # Eq. (3)-(4) on B episodes
+            modes = [m.training for m in (*model.modules(), *target.modules())]
+            assert not any(modes), "stage 2 needs BN in eval mode (its source statistics)"
+            step_losses = meta_step(model, phi, frozen, target, opt, episodes, **meta_kw)
             losses.append(dict(zip(("meta", "main", "aux"), step_losses)))
             n_images += sum(len(support_x) + len(query_x) for support_x, query_x, _ in episodes)
             run.steps += 1
@@ -763,11 +773,11 @@ def train_meta(model, target, data, args, name="stage2"):
     return run.finish()
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the pilot's grid for alpha (inner LR)
-DELTAS = (1e-4, 1e-3, 1e-2)  # and delta's (outer LR); alpha's pilots use the last
+DELTAS = (1e-4, 1e-3, 1e-2)  # and delta's; alpha's pilots use the last
 
 def choose_lrs(model, target, data, args):
     """alpha and delta (unpublished) unless given, by validation: a pilot of --pilot_steps per
-    candidate, alpha on ALPHAS, then delta on DELTAS."""
+    candidate, alpha on ALPHAS, then delta on DELTAS. The model's phi is stage 1's on return."""
     stage1_phi = clone_phi(model)
     n_steps = min(args.pilot_steps, args.max_steps or math.inf)
     n_epochs = math.ceil(n_steps / meta_steps_per_epoch(data["splits"]["train"], args))
@@ -784,32 +794,35 @@ def choose_lrs(model, target, data, args):
     inner_lr = args.inner_lr
     if inner_lr is None:  # the first best: on a tie, the smaller step
         inner_lr = max(ALPHAS, key=lambda alpha: score(alpha, args.outer_lr or DELTAS[-1]))
-    outer_lr = args.outer_lr or max(DELTAS, key=lambda delta: score(inner_lr, delta))
+    outer_lr = args.outer_lr
+    if outer_lr is None:
+        outer_lr = max(DELTAS, key=lambda delta: score(inner_lr, delta))
     tried = ", ".join(f"({a:g}, {d:g}) {val:.4f}" for (a, d), val in scores.items())
     log(f"pilot: alpha {inner_lr:g}, delta {outer_lr:g}; scored {tried}")
     candidates = [dict(inner_lr=a, outer_lr=d, score=val) for (a, d), val in scores.items()]
     return dict(inner_lr=inner_lr, outer_lr=outer_lr, candidates=candidates)
 
 # --- Flags with per-dataset defaults, and main ---
-# Sources: [P] the paper (METHOD.md), [D] Meta-DMoE's code, [B] byol-pytorch, [T] TENT's code,
-# [M] measured on the digits (README), [*] ours where all are silent.
+# Sources: [P] paper, [D] Meta-DMoE, [B] byol-pytorch, [T] TENT, [M] measured (README), [*] ours
 RGB_AUG = dict(min_scale=0.6, max_rot=0.0, flip=True, jitter=0.4, noise=0.0)  # [*] BYOL's views
 ROTATED = dict(RGB_AUG, min_scale=0.8, max_rot=180.0)  # [*] tissue and satellites: any angle
-BASE = dict(  # every dataset's, unless it overrides them
-    backbone="resnet50", img_size=224, pretrained=True, norm="imagenet", val_metric="acc_avg",
-    n_adapt=[32], aux_weight=0.1, lr_decay_epoch=20, meta_epochs=10, inner_steps=1,  # [P]
+BASE = dict(  # every dataset's unless overridden
+    backbone="resnet50", img_size=224, pretrained=True, norm="imagenet", n_adapt=[32],  # [P]
+    val_metric="acc_avg", aux_weight=0.1, lr_decay_epoch=20, meta_epochs=10, inner_steps=1,  # [P]
     weight_decay=0.0, n_support=64, n_query=48,  # [D]
-    ema=0.99, proj_hidden=4096, proj_dim=256, tent_lr=1e-3,  # [B], [T]
-    meta_batch=1, pilot_steps=100, eval_batch_size=128, aug=RGB_AUG, domain_fields=None)  # [M], [*]
+    ema=0.99, proj_hidden=4096, proj_dim=256, tent_lr=1e-3,  # [B]; tent_lr: [T]
+    meta_batch=1, pilot_steps=100,  # [M]
+    eval_batch_size=128, aug=RGB_AUG, domain_fields=None)  # [*]
 DATASETS = {
-    "digits": dict(  # the offline default, for two CPU cores [*]
+    "digits": dict(  # offline, for two CPU cores [*]
         BASE, backbone="small_resnet", img_size=16, norm=((0.5,) * 3, (0.25,) * 3),
         pretrained=False, batch_size=64, lr=2e-3, epochs=10, lr_decay_epoch=7, meta_epochs=6,
         n_support=32, n_query=32, proj_hidden=256, proj_dim=64, eval_batch_size=50,
         aug=dict(RGB_AUG, min_scale=0.7, max_rot=15.0, flip=False, noise=0.05)),
     "iwildcam": dict(
-        BASE, img_size=448, domain_fields=["location"], val_metric="F1-macro_all",  # [P]
-        n_adapt=[12], batch_size=16, lr=3e-5, epochs=12, n_support=24, n_query=16,  # [P], [D]
+        BASE, img_size=448, n_adapt=[12], domain_fields=["location"],  # [P]
+        val_metric="F1-macro_all",  # [P]
+        batch_size=16, lr=3e-5, epochs=12, n_support=24, n_query=16,  # [D]
         eval_batch_size=64),  # [*]
     "camelyon17": dict(
         BASE, backbone="densenet121", img_size=96, domain_fields=["slide"],  # [P]
@@ -821,10 +834,12 @@ DATASETS = {
         eval_batch_size=150, aug=dict(ROTATED, jitter=0.2)),  # [*]
     "fmow": dict(
         BASE, backbone="densenet121", domain_fields=["region", "year"],  # [P]
-        val_metric="acc_worst_region", batch_size=64, lr=1e-4, epochs=20),  # [P], [D]
+        val_metric="acc_worst_region",  # [P]
+        batch_size=64, lr=1e-4, epochs=20),  # [D]
     "poverty": dict(
-        BASE, backbone="resnet18_8ch", norm=None, domain_fields=["country"], val_metric="r_wg",
-        batch_size=64, lr=1e-3, epochs=50, aug=dict(ROTATED, jitter=0.0, noise=0.02)),  # [P], [*]
+        BASE, backbone="resnet18_8ch", domain_fields=["country"], val_metric="r_wg",  # [P]
+        norm=None, batch_size=64, lr=1e-3, epochs=50,  # [*]
+        aug=dict(ROTATED, jitter=0.0, noise=0.02)),  # [*]
     "domainnet": dict(
         BASE, domain_fields=["domain"],  # [P]
         batch_size=32, lr=1e-4, epochs=10),  # [*]
@@ -835,7 +850,7 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block
         self.exit(2, f"error: {message} (see python mabn.py --help)\n")
 
-def number(kind, zero_ok=False):  # an argparse type: a number of this kind, > 0 (>= 0: zero_ok)
+def number(kind, zero_ok=False):  # an argparse type: > 0, or >= 0 if zero_ok
     def parse(text):
         value = kind(text)
         if value < 0 or (value == 0 and not zero_ok):
@@ -847,7 +862,8 @@ def number(kind, zero_ok=False):  # an argparse type: a number of this kind, > 0
 def parse_args(argv=None):
     """Every flag, with its meaning; --dataset's values fill those left unset."""
     first = OneLineParser(add_help=False)
-    first.add_argument("--dataset", default="digits", choices=list(DATASETS))
+    first.add_argument("--dataset", default="digits", choices=list(DATASETS),
+                       help="the data, and the defaults below")
     dataset = first.parse_known_args(argv)[0].dataset
     p = OneLineParser(parents=[first], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     count, count0 = number(int), number(int, zero_ok=True)
@@ -858,15 +874,15 @@ def parse_args(argv=None):
     flag("--no_pretrained", dest="pretrained", action="store_false",
          help="random backbone weights (pretrained: %(default)s)")
     flag("--target_domain", default="real", choices=DOMAINNET_DOMAINS, help="DomainNet's target")
-    flag("--out_dir", help="checkpoints, log.txt, results.json (None: runs/<dataset>)")
+    flag("--out_dir", help="checkpoints, log.txt, results.json (%(default)s: runs/<dataset>)")
     flag("--seeds", type=int, nargs="+", default=[0], help="the table: mean ± std")
     flag("--methods", nargs="+", default=["stage1", "none", "mabn"], metavar="ROW",
          choices=[*ROWS, "all"], help=f"stage 3's rows: all, or of {', '.join(ROWS)}")
     flag("--support", default="random", choices=["random", "first"], help="a domain's k images")
-    flag("--inner_lr", type=rate0, help="alpha, Eq. (3)'s step; None: the pilot's")
-    flag("--outer_lr", type=rate, help="delta, Eq. (4)'s Adam LR; None: the pilot's")
+    flag("--inner_lr", type=rate0, help="alpha, Eq. (3)'s step (%(default)s: the pilot's)")
+    flag("--outer_lr", type=rate, help="delta, Eq. (4)'s Adam LR (%(default)s: the pilot's)")
     flag("--first_order", action="store_true", help="drop Eq. (4)'s second-order term")
-    flag("--num_workers", type=count0, help="loader workers (None: 0 for digits, cores - 1)")
+    flag("--num_workers", type=count0, help="loader workers (%(default)s: 0 for digits, cores - 1)")
     flag("--max_steps", type=count, help="a cap on each training stage's steps")
     tuned = p.add_argument_group(f"{dataset}'s values (DATASETS in mabn.py)").add_argument
     tuned("--n_adapt", type=count, nargs="+", help="k, a target domain's images; several: each k")
@@ -894,7 +910,7 @@ def parse_args(argv=None):
         p.error(f"argument --ema: must be in [0, 1), got {args.ema}")
     # values computed at run time
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.num_workers is None:  # WILDS decodes images in workers; the digits need none
+    if args.num_workers is None:  # WILDS decodes images in workers
         cores = len(os.sched_getaffinity(0))
         args.num_workers = 0 if args.dataset == "digits" else max(1, min(16, cores - 1))
     chosen = set(ROWS) if "all" in args.methods else set(args.methods)
@@ -904,12 +920,11 @@ def parse_args(argv=None):
     args.seed = args.seeds[0]
     return args
 
-def clone_phi(model):  # a detached copy of the model's phi
+def clone_phi(model):
     return {k: v.detach().clone() for k, v in split_params(model)[0].items()}
 
 def run_seed(args, data):
-    """The pipeline for args.seed (args: this seed's copy, which takes the pilot's alpha and
-    delta). -> its results, also in results.json"""
+    """The pipeline for args.seed (args: the seed's copy; it takes the pilot's alpha and delta)."""
     torch.manual_seed(args.seed)
     model, target = build_model(args, data, torch.device(args.device))
     stages = {"stage1": train_joint(model, target, data, args)}
@@ -918,8 +933,8 @@ def run_seed(args, data):
     pilot = choose_lrs(model, target, data, args)
     stages["pilot"] = dict(time_s=time.time() - t0)
     vars(args).update(inner_lr=pilot["inner_lr"], outer_lr=pilot["outer_lr"])
-    if "no_inner" in args.methods:  # the control: stage 2 with alpha = 0, from stage 1's phi too
-        # first order: at alpha = 0 the same gradient, without the second-order graph
+    if "no_inner" in args.methods:  # the control: stage 2 from stage 1's phi, alpha = 0 (and
+        # first order: at alpha = 0 the same gradient)
         control = argparse.Namespace(**{**vars(args), "inner_lr": 0.0, "first_order": True})
         stages["stage2_alpha0"] = train_meta(model, target, data, control, "stage2_alpha0")
         phis["meta0"] = clone_phi(model)
@@ -933,12 +948,14 @@ def run_seed(args, data):
     stages["stage3"] = dict(time_s=seconds, img_per_s=round(len(test.domains) / seconds, 1))
     times = []
     for name, s in stages.items():
-        speed = f" ({s['img_per_s']:.0f} img/s)" if "img_per_s" in s else ""
+        speed = f" ({s['img_per_s']:.0f} img/s)" if s.get("img_per_s") else ""
         times.append(f"{name} {s['time_s']:.1f} s{speed}")
     log(f"seed {args.seed}: " + ", ".join(times))
-    effects = [f"{name} {mean(r['phi_shift'].values()):.2%} "
-               f"{mean(r.get('changed', {0: math.nan}).values()):.1%}"
-               for name, r in results.items() if "phi_shift" in r]
+    effects = []
+    for name, r in results.items():
+        if "phi_shift" in r:
+            changed = f" {mean(r['changed'].values()):.1%}" if "changed" in r else ""
+            effects.append(f"{name} {mean(r['phi_shift'].values()):.2%}{changed}")
     log("adaptation, mean over target domains (||phi~ - phi|| / ||phi||, predictions changed): "
         + ", ".join(effects))
     out = dict(flags=vars(args), seed=args.seed, device=args.device, stages=stages, pilot=pilot,
@@ -946,34 +963,34 @@ def run_seed(args, data):
     save_atomic(out, os.path.join(args.out_dir, "results.json"))
     return out
 
-GRID = {"TENT": ("tent_bn", "tent_affine"), "MABN": ("mabn_bn", "mabn"),  # Table 4: the rule x
+GRID = {"TENT": ("tent_bn", "tent_affine"), "MABN": ("mabn_bn", "mabn"),  # Table 4: rule ->
         "MABN+TENT": ("mabn_tent_bn", "mabn_tent_affine")}  # (update BN, update affine)
 
 def summarize(per_seed, ks):
-    """Log and return {name: {metric: (mean, std over seeds)}} on the target domains, then Table
-    4's grid at each k where all its rows ran."""
+    """Log and return {name: {metric: (mean, std over seeds)}}, then Table 4 at each k."""
     first = next(iter(per_seed[0]["target"].values()))
     metrics = [k for k, v in first.items() if not isinstance(v, dict)]
     many = len(per_seed) > 1
     width = max(map(len, metrics)) + (10 if many else 2)
     seeds = f"{len(per_seed)} seeds: mean ± std" if many else "1 seed"
     log(f"\n{'row':<24}{'from':>7}{'stats':>8}" + "".join(f"{m:>{width}}" for m in metrics)
-             + f"   (target domains, split 'test', {seeds})")
+        + f"   (target domains, split 'test', {seeds})")
     names = row_names(ROWS, ks)
     summary = {}
     for name in per_seed[0]["target"]:
-        values = {k: torch.tensor([r["target"][name][k] for r in per_seed]) for k in metrics}
-        summary[name] = {k: (v.mean().item(), v.std().item() if many else 0.0)
-                         for k, v in values.items()}
-        cells = [f"{m:.4f} ± {s:.3f}" if many else f"{m:.4f}" for m, s in summary[name].values()]
+        values = {m: torch.tensor([r["target"][name][m] for r in per_seed]) for m in metrics}
+        summary[name] = {m: (v.mean().item(), v.std().item() if many else 0.0)
+                         for m, v in values.items()}
+        cells = [f"{avg:.4f} ± {std:.3f}" if many else f"{avg:.4f}"
+                 for avg, std in summary[name].values()]
         start, stats, _ = ROWS[names[name][0]]
         log(f"{name:<24}{start:>7}{stats:>8}" + "".join(f"{c:>{width}}" for c in cells))
     for k in sorted(ks):
         at_k = {row: name for name, (row, k_row) in names.items() if k_row in (k, None)}
-        cells = [[summary.get(at_k[row]) for row in pair] for pair in GRID.values()]
-        if all(all(pair) for pair in cells):
+        pairs = [[summary.get(at_k[row]) for row in pair] for pair in GRID.values()]
+        if all(all(pair) for pair in pairs):
             log(f"\nTable 4 at k={k}, {metrics[0]}: {'update BN':>15}{'update affine':>18}")
-            for label, (bn, affine) in zip(GRID, cells):
+            for label, (bn, affine) in zip(GRID, pairs):
                 log(f"{label:<27}{bn[metrics[0]][0]:>15.4f}{affine[metrics[0]][0]:>18.4f}")
     return summary
 
@@ -990,7 +1007,7 @@ def main(args, data=None):
     except OSError as e:
         sys.exit(f"error: cannot write to --out_dir {args.out_dir} ({e.strerror}); pick a "
                  f"writable folder")
-    logger = logging.getLogger("mabn")  # log's outputs, replacing a past run's
+    logger = logging.getLogger("mabn")  # log's, replacing a past run's
     logger.setLevel(logging.INFO)
     logger.handlers = [logging.StreamHandler(sys.stdout), log_file]
     log("flags: " + json.dumps(vars(args), sort_keys=True))
