@@ -161,7 +161,7 @@ from typing import NamedTuple  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402 (comes with wilds)
 
-log = logging.getLogger("mabn").info  # main sends it to the terminal and log.txt
+log = logging.getLogger("mabn").info  # main: to the terminal and log.txt
 
 # --- Baselines and the paper's analyses (Tables 3-4, Fig. 5) ---
 def batch_statistics(params):
@@ -209,9 +209,9 @@ def tent_forward_and_adapt(model, params, leaves, opt, x):
     return logits.detach()
 
 class Row(NamedTuple):  # a row of stage 3's table
-    start: str  # the model: stage1 (after stage 1), meta (stage 2), meta0 (stage 2, alpha = 0)
+    start: str  # stage1 (after stage 1), meta (after stage 2), meta0 (stage 2, alpha = 0)
     stats: str  # BN statistics: source (stage 1's), support (from k images), batch (its own)
-    rule: str  # adaptation: None, mabn (Eq. 3), tent (online), mabn+tent, unmatched
+    rule: str | None  # adaptation: mabn (Eq. 3), tent (online), mabn+tent, unmatched
 
     @property
     def uses_support(self):  # whether it reads k support images
@@ -338,7 +338,7 @@ def scatter(src, index, dim=-1, dim_size=None, reduce="sum"):  # torch_scatter's
 DOMAINNET_DOMAINS = ["clipart", "infograph", "painting", "quickdraw", "real", "sketch"]
 
 def load_wilds(args):
-    """A WILDS dataset's train, OOD validation and OOD test splits, via wilds.get_dataset."""
+    """A WILDS dataset's train, OOD val and OOD test splits, via wilds.get_dataset."""
     name = args.dataset
     where = os.path.abspath(args.root_dir)
     if not args.download and not glob.glob(os.path.join(where, f"{name}_v*", "RELEASE_v*.txt")):
@@ -484,15 +484,15 @@ def support_sets(split, k, seed, how="random"):
 
 def evaluate(model, target, phis, data, split, rows, ks, args):
     """Stage 3: each row adapts to every domain from its support set (at each k), then predicts it
-    in one pass, TENT per batch. -> {name: metrics; per domain phi_shift, ||phi~ - phi|| / ||phi||,
-    and changed, the share of predictions unlike the plain row's}"""
+    in one pass. -> {name: metrics; per domain phi_shift, ||phi~ - phi|| / ||phi||, and changed,
+    the share of predictions unlike the plain row's}"""
     device = next(model.parameters()).device
     model.eval()
     target.eval()
     tent_rules = ("tent", "mabn+tent")  # entropy: classification only
     names = {name: (row, k) for name, (row, k) in row_names(rows, ks).items()
              if data["task"] == "classification" or ROWS[row].rule not in tent_rules}
-    supports = {}  # every domain's support images, read once
+    supports = {}  # each domain's support images, read once
     if any(k for _, k in names.values()):
         sets = support_sets(split, max(ks), args.seed, args.support)
         loader = make_loader(split.dataset, args.num_workers, batch_sampler=list(sets.values()))
@@ -531,7 +531,7 @@ def evaluate(model, target, phis, data, split, rows, ks, args):
         if idx[0] == split.by_domain[d][0]:  # a domain starts: every row adapts
             states = start_domain(d)
             for name, (_, _, phi) in states.items():
-                adapted[name][d] = phi
+                adapted[name][d] = phi  # TENT's leaves: moved by its steps
         x = to_device(x, device)
         for name, (params, tent, _) in states.items():  # outputs stay on the device
             if tent:
@@ -620,7 +620,7 @@ class StageRun:
         self.kept = set(model.state_dict() if stage == 1 else split_params(model)[0])
         self.n_epochs = args.epochs if stage == 1 else args.meta_epochs
         self.started = time.time()
-        self.images = 0  # and seconds: img/s
+        self.images = 0
         self.seconds = 0.0
         fresh = dict(done=False, stage=stage, epoch=-1, steps=0, best_metric=-math.inf, best=None)
         self.ckpt = load_checkpoint(self.path, self.flags) or fresh
@@ -681,7 +681,7 @@ def train_joint(model, target, data, args):
     """Stage 1, Eq. (2): the whole network on the source domains mixed, Adam."""
     device = next(model.parameters()).device
     train = data["splits"]["train"]
-    # own generators for the views and the order, restored on resuming
+    # own generators for views and order, restored on resuming
     aug_gen = torch.Generator(device).manual_seed(args.seed)
     order_gen = torch.Generator().manual_seed(args.seed)
     augment_fn = functools.partial(augment, gen=aug_gen, **args.aug)
@@ -692,13 +692,13 @@ def train_joint(model, target, data, args):
                            fused=device.type == "cuda")
     run = StageRun(1, "stage1", model, target, opt, [aug_gen, order_gen], data, args)
     for epoch in run.epochs():
-        # the paper halves the LR after a fixed epoch
         t0 = time.time()
+        # the paper halves the LR after a fixed epoch
         for group in opt.param_groups:
             group["lr"] = args.lr * (0.5 if epoch >= args.lr_decay_epoch else 1.0)
         model.train()
         target.train()
-        # Eq. (2) on every batch; the losses stay on the device
+        # Eq. (2) on every batch, the losses left on the device
         losses = []
         n_images = 0
         for x, y, *_ in tqdm(loader, desc=f"stage 1, epoch {epoch + 1}", leave=False, disable=None):
@@ -733,7 +733,7 @@ def meta_batches(split, args, n_steps, order_gen, device):
             yield meta_batch
             meta_batch = []
 
-def meta_steps_per_epoch(split, args):  # an epoch: about every source image once
+def meta_steps_per_epoch(split, args):  # an epoch: each source image about once
     return max(1, len(split.domains) // ((args.n_support + args.n_query) * args.meta_batch))
 
 def train_meta(model, target, data, args, name="stage2"):
@@ -805,12 +805,14 @@ def choose_lrs(model, target, data, args):
 # --- Flags with per-dataset defaults, and main ---
 # Sources: [P] paper, [D] Meta-DMoE, [B] byol-pytorch, [T] TENT, [M] measured (README), [*] ours
 RGB_AUG = dict(min_scale=0.6, max_rot=0.0, flip=True, jitter=0.4, noise=0.0)  # [*] BYOL's views
-ROTATED = dict(RGB_AUG, min_scale=0.8, max_rot=180.0)  # [*] tissue and satellites: any angle
+ROTATED = dict(RGB_AUG, min_scale=0.8, max_rot=180.0)  # [*] tissue, cells, PovertyMap: any angle
 BASE = dict(  # every dataset's unless overridden
     backbone="resnet50", img_size=224, pretrained=True, norm="imagenet", n_adapt=[32],  # [P]
     val_metric="acc_avg", aux_weight=0.1, lr_decay_epoch=20, meta_epochs=10, inner_steps=1,  # [P]
+    proj_hidden=4096, proj_dim=256,  # [P]
     weight_decay=0.0, n_support=64, n_query=48,  # [D]
-    ema=0.99, proj_hidden=4096, proj_dim=256, tent_lr=1e-3,  # [B]; tent_lr: [T]
+    ema=0.99,  # [B]
+    tent_lr=1e-3,  # [T]
     meta_batch=1, pilot_steps=100,  # [M]
     eval_batch_size=128, aug=RGB_AUG, domain_fields=None)  # [*]
 DATASETS = {
@@ -838,13 +840,13 @@ DATASETS = {
         batch_size=64, lr=1e-4, epochs=20),  # [D]
     "poverty": dict(
         BASE, backbone="resnet18_8ch", domain_fields=["country"], val_metric="r_wg",  # [P]
-        norm=None, batch_size=64, lr=1e-3, epochs=50,  # [*]
+        norm=None, batch_size=64, lr=1e-3, epochs=50,  # [*], as are BASE's [D] values here
         aug=dict(ROTATED, jitter=0.0, noise=0.02)),  # [*]
     "domainnet": dict(
         BASE, domain_fields=["domain"],  # [P]
-        batch_size=32, lr=1e-4, epochs=10),  # [*]
+        batch_size=32, lr=1e-4, epochs=10),  # [*], as are BASE's backbone, img_size, [D]
 }
-assert all(d.keys() == DATASETS["digits"].keys() for d in DATASETS.values()), "DATASETS' keys"
+assert all(d.keys() == DATASETS["digits"].keys() for d in DATASETS.values())  # the same keys
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage block
@@ -860,7 +862,7 @@ def number(kind, zero_ok=False):  # an argparse type: > 0, or >= 0 if zero_ok
     return parse
 
 def parse_args(argv=None):
-    """Every flag, with its meaning; --dataset's values fill those left unset."""
+    """Every flag with its meaning; --dataset's values fill those left unset."""
     first = OneLineParser(add_help=False)
     first.add_argument("--dataset", default="digits", choices=list(DATASETS),
                        help="the data, and the defaults below")
@@ -884,12 +886,12 @@ def parse_args(argv=None):
     flag("--first_order", action="store_true", help="drop Eq. (4)'s second-order term")
     flag("--num_workers", type=count0, help="loader workers (%(default)s: 0 for digits, cores - 1)")
     flag("--max_steps", type=count, help="a cap on each training stage's steps")
-    tuned = p.add_argument_group(f"{dataset}'s values (DATASETS in mabn.py)").add_argument
+    tuned = p.add_argument_group(f"the values of {dataset} (DATASETS in mabn.py)").add_argument
     tuned("--n_adapt", type=count, nargs="+", help="k, a target domain's images; several: each k")
     tuned("--epochs", type=count0, help="stage 1's epochs")
     tuned("--batch_size", type=count, help="stage 1's batch size")
     tuned("--lr", type=rate, help="stage 1's Adam LR")
-    tuned("--lr_decay_epoch", type=count0, help="stage 1's LR halves from this epoch")
+    tuned("--lr_decay_epoch", type=count0, help="stage 1's LR halves after this many epochs")
     tuned("--weight_decay", type=rate0, help="stage 1's Adam weight decay")
     tuned("--aux_weight", type=rate0, help="lambda, BYOL's weight in Eq. (2), (4)")
     tuned("--ema", type=rate0, help="tau, the BYOL target's momentum, in [0, 1)")
@@ -933,8 +935,8 @@ def run_seed(args, data):
     pilot = choose_lrs(model, target, data, args)
     stages["pilot"] = dict(time_s=time.time() - t0)
     vars(args).update(inner_lr=pilot["inner_lr"], outer_lr=pilot["outer_lr"])
-    if "no_inner" in args.methods:  # the control: stage 2 from stage 1's phi, alpha = 0 (and
-        # first order: at alpha = 0 the same gradient)
+    # the control: stage 2 from stage 1's phi at alpha = 0 (first order: the same gradient)
+    if "no_inner" in args.methods:
         control = argparse.Namespace(**{**vars(args), "inner_lr": 0.0, "first_order": True})
         stages["stage2_alpha0"] = train_meta(model, target, data, control, "stage2_alpha0")
         phis["meta0"] = clone_phi(model)
@@ -997,7 +999,7 @@ def summarize(per_seed, ks):
 def main(args, data=None):
     """Every seed in <out_dir>/seed<k>/ (finished stages reused), then the table over seeds.
     `data` (as load_data returns it) replaces --dataset's."""
-    torch.backends.cudnn.benchmark = args.device == "cuda"  # fixed shapes: the fastest kernels
+    torch.backends.cudnn.benchmark = args.device == "cuda"  # fixed training shapes
     t0 = time.time()
     data = load_data(args) if data is None else data  # missing data stops here, before any write
     data_s = time.time() - t0
@@ -1007,7 +1009,7 @@ def main(args, data=None):
     except OSError as e:
         sys.exit(f"error: cannot write to --out_dir {args.out_dir} ({e.strerror}); pick a "
                  f"writable folder")
-    logger = logging.getLogger("mabn")  # log's, replacing a past run's
+    logger = logging.getLogger("mabn")  # log() writes here
     logger.setLevel(logging.INFO)
     logger.handlers = [logging.StreamHandler(sys.stdout), log_file]
     log("flags: " + json.dumps(vars(args), sort_keys=True))
