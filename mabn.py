@@ -208,14 +208,16 @@ def tent_forward_and_adapt(model, params, leaves, opt, x):
     opt.step()
     return logits.detach()
 
+MABN_RULES = ("mabn", "mabn+tent", "unmatched")  # the rules that take MABN's step (Eq. 3)
+
 class Row(NamedTuple):  # a row of stage 3's table
     start: str  # stage1 (after stage 1), meta (after stage 2), meta0 (stage 2, alpha = 0)
     stats: str  # BN statistics: source (stage 1's), support (from k images), batch (its own)
     rule: str | None  # adaptation: mabn (Eq. 3), tent (online), mabn+tent, unmatched
 
     @property
-    def uses_support(self):  # whether it reads k support images
-        return self.stats == "support" or self.rule in ("mabn", "mabn+tent", "unmatched")
+    def uses_support(self):
+        return self.stats == "support" or self.rule in MABN_RULES
 
 ROWS = {
     "stage1": Row("stage1", "source", None),  # ablation: joint training, no adaptation
@@ -246,7 +248,7 @@ def row_params(row, model, target, phis, frozen, support_x, augment_fn, inner_lr
     phi = phis[start]
     if stats == "support" or (stats == "batch" and rule == "mabn+tent"):  # MABN's "update BN"
         frozen = {**frozen, **reestimate_bn_stats(model, {**frozen, **phi}, support_x)}
-    if rule in ("mabn", "mabn+tent", "unmatched"):
+    if rule in MABN_RULES:
         phi = adapt_domain(model, phi, frozen, target, support_x, augment_fn, inner_lr, inner_steps)
     if stats == "batch":  # TENT's "update BN" from here on
         frozen = batch_statistics(frozen)
@@ -616,7 +618,7 @@ class StageRun:
         self.gens = gens
         self.data = data
         self.args = args
-        self.val_row = "stage1" if stage == 1 else "mabn"  # validation's row
+        self.val_row = "stage1" if stage == 1 else "mabn"
         self.kept = set(model.state_dict() if stage == 1 else split_params(model)[0])
         self.n_epochs = args.epochs if stage == 1 else args.meta_epochs
         self.started = time.time()

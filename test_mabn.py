@@ -677,7 +677,7 @@ def test_prediction_never_runs_aux_branch(tmp_path):
     calls = {"projector": 0, "predictor": 0}
     for name in calls:
         getattr(model, name).register_forward_hook(lambda *a, name=name: calls.update({name: calls[name] + 1}))
-    phis, cpu = phis_of(model), torch.device("cpu")
+    phis = phis_of(model)
     mabn.evaluate(model, target, phis, data, data["splits"]["test"], ["none", "stage1", "bn_stats"], [4], args)
     assert calls == {"projector": 0, "predictor": 0}
     mabn.evaluate(model, target, phis, data, data["splits"]["test"], ["mabn"], [4], args)
@@ -783,7 +783,7 @@ def test_one_pass_for_all_rows_equals_one_pass_each(tmp_path):
     data = make_synthetic(per_domain=30)
     model, target = trained_bn(*tiny_model())
     args = tiny_args(tmp_path, "--eval_batch_size", "7", "--n_adapt", "5")
-    split, cpu, phis = data["splits"]["test"], torch.device("cpu"), phis_of(model)
+    split, phis = data["splits"]["test"], phis_of(model)
     before, target_before = snapshot(model), snapshot(target)
     together = mabn.evaluate(model, target, phis, data, split, list(mabn.ROWS), [5], args)
     assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())  # every row, TENT's too, leaves the
