@@ -11,7 +11,7 @@ Commands:
   python mabn.py --methods all --n_adapt 32 1 2 4 8 16 64 --seeds 0 1 2 3 4   # the paper's analyses
   python mabn.py --dataset fmow --help  # every flag, its meaning, the dataset's value
   python -m pytest -q test_mabn.py
-  python test_mabn.py --speed           # the README's GPU speed figures
+  python test_mabn.py --speed           # the speed targets, on a CUDA device
 """
 # ======================== BEGIN METHOD ========================
 # All of MABN as one copyable block, on torch alone. Every function is pure in its arguments:
@@ -70,21 +70,30 @@ def main_loss(outputs, y, task="classification"):
         return F.cross_entropy(outputs, y)
     return F.mse_loss(outputs.view(-1), y.float().view(-1))
 
+def batch_statistics(model):
+    """{name: None} for the backbone's BN statistics: a forward with these normalises each batch
+    with its own statistics, leaving the running ones alone (stage 1's views; TENT)."""
+    return {f"backbone.{name}.{buffer}": None for name, m in model.backbone.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for buffer in ("running_mean", "running_var", "num_batches_tracked")}
+
 def joint_losses(model, params, target, x, y, augment_fn, task="classification"):
-    """-> (L_main on the images x, or 0 if y is None; L_aux: BYOL on two augmented views of x,
-    symmetrised). params {name: tensor} replace the module's tensors (stages 2-3)."""
-    B = x.shape[0]
-    v1 = augment_fn(x)  # every image draws its own random view, twice
-    v2 = augment_fn(x)
-    inputs = torch.cat([v1, v2] if y is None else [x, v1, v2])  # (2B or 3B, C, H, W)
-    outputs, predictions = functional_call(model, params or {}, (inputs,), {"aux": True})
+    """-> (L_main on the images x, or 0 if y is None; L_aux: BYOL between two augmented views of x,
+    symmetrised). params {name: tensor} replace the module's tensors (stages 2-3). In training mode
+    (stage 1) the backbone's running statistics come from x alone, the source images."""
+    v1, v2 = augment_fn(x)  # (B, C, H, W) each: every image its own draw of BYOL's two views
+    views = torch.cat([v1, v2])  # (2B, C, H, W)
+    view_params = {**(params or {}), **(batch_statistics(model) if model.training else {})}
+    _, predictions = functional_call(model, view_params, (views,), {"aux": True})  # (2B, proj_dim)
     with torch.no_grad():
-        z = target(torch.cat([v1, v2]))  # (2B, proj_dim): the target network gets no gradient
-    p1, p2, z1, z2 = predictions[-2 * B:-B], predictions[-B:], z[:B], z[B:]  # (B, proj_dim) each
+        z = target(views)  # (2B, proj_dim): the target network gets no gradient
+    p1, p2 = predictions.chunk(2)
+    z1, z2 = z.chunk(2)
     loss_aux = (byol_loss(p1, z2) + byol_loss(p2, z1)).mean()  # each view predicts the other's
     if y is None:
         return torch.zeros((), device=x.device), loss_aux
-    return main_loss(outputs[:B], y, task), loss_aux
+    outputs = functional_call(model, params or {}, (x,))  # (B, n_outputs)
+    return main_loss(outputs, y, task), loss_aux
 
 @torch.no_grad()
 def ema_update(target, model, tau):
@@ -164,16 +173,9 @@ from tqdm import tqdm  # noqa: E402 (comes with wilds)
 log = logging.getLogger("mabn").info  # main: to the terminal and log.txt
 
 # --- Baselines and the paper's analyses (Tables 3-4, Fig. 5) ---
-def batch_statistics(params):
-    """params without the backbone's BN statistics: each batch normalised with its own (TENT)."""
-    running = ("running_mean", "running_var")
-    return {k: None if k.startswith("backbone.") and k.endswith(running) else v
-            for k, v in params.items()}
-
 @torch.no_grad()
 def reestimate_bn_stats(model, params, support_x):
-    """The backbone's BN statistics re-estimated on support_x, layer by layer (Schneider et al.
-    2020; MABN's "update BN" in Table 4)."""
+    """The backbone's BN statistics re-estimated on support_x (Schneider et al. 2020)."""
     bns = {m: f"backbone.{n}" for n, m in model.backbone.named_modules()
            if isinstance(m, nn.BatchNorm2d)}
     stats = {}
@@ -183,22 +185,20 @@ def reestimate_bn_stats(model, params, support_x):
         stats[f"{bns[bn]}.running_var"] = inputs[0].var((0, 2, 3))  # unbiased, as BN stores it
     handles = [bn.register_forward_pre_hook(record) for bn in bns]
     try:
-        functional_call(model, batch_statistics(params), (support_x,))
+        functional_call(model, {**params, **batch_statistics(model)}, (support_x,))
     finally:
         for handle in handles:
             handle.remove()
     return stats
 
 def tent_setup(phi, lr=1e-3):
-    """TENT's collect_params and setup_optimizer (its Adam, lr 1e-3, betas 0.9, 0.999) on phi's
-    backbone part. -> (leaves, optimiser)"""
+    """TENT's collect_params, setup_optimizer (Adam) on phi's backbone part. -> (leaves, opt)"""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in phi.items()
               if k.startswith("backbone.")}
     return leaves, torch.optim.Adam(leaves.values(), lr, betas=(0.9, 0.999))
 
 def tent_forward_and_adapt(model, params, leaves, opt, x):
-    """TENT's forward_and_adapt (Wang et al. 2021) on a test batch x (B, C, H, W): predict, then
-    one step of opt on the batch's mean entropy. -> (B, n_classes)"""
+    """TENT's forward_and_adapt (Wang et al. 2021): predict x, then step on its mean entropy."""
     with torch.enable_grad():
         logits = functional_call(model, {**params, **leaves}, (x,))
         entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
@@ -208,53 +208,50 @@ def tent_forward_and_adapt(model, params, leaves, opt, x):
     opt.step()
     return logits.detach()
 
-MABN_RULES = ("mabn", "mabn+tent", "unmatched")  # the rules that take MABN's step (Eq. 3)
-
-class Row(NamedTuple):  # a row of stage 3's table
-    start: str  # stage1 (after stage 1), meta (after stage 2), meta0 (stage 2, alpha = 0)
-    stats: str  # BN statistics: source (stage 1's), support (from k images), batch (its own)
-    rule: str | None  # adaptation: mabn (Eq. 3), tent (online), mabn+tent, unmatched
-
-    @property
-    def uses_support(self):
-        return self.stats == "support" or self.rule in MABN_RULES
+class Row(NamedTuple):  # a row of stage 3's table: how it predicts a target domain
+    start: str  # the model: stage1, stage2, or control (stage 2 without the inner step)
+    stats: str  # BN statistics: source (stage 1's), support (the k images'), batch (each batch's)
+    step: bool = False  # MABN's step (Eq. 3) on k images of the domain
+    tent: bool = False  # TENT on each test batch, online (after the step if there is one)
+    other: bool = False  # the step on the NEXT domain's images and draws (Table 3: unmatched)
 
 ROWS = {
-    "stage1": Row("stage1", "source", None),  # ablation: joint training, no adaptation
-    "bn_stats": Row("stage1", "support", None),  # Schneider et al. 2020
-    "tent_bn": Row("stage1", "batch", "tent"),  # Table 4: TENT, update BN (as published)
-    "tent_affine": Row("stage1", "source", "tent"),  # Table 4: TENT, update affine
-    "no_meta": Row("stage1", "source", "mabn"),  # Fig. 5, ablation: no meta-training
-    "no_inner": Row("meta0", "source", None),  # the control: stage 2 without its inner step
-    "none": Row("meta", "source", None),  # Table 3, ablation: no adaptation
-    "mabn": Row("meta", "source", "mabn"),  # MABN; Table 3: matched; Table 4: update affine
-    "mabn_bn": Row("meta", "support", "mabn"),  # Table 4: MABN, update BN
-    "mabn_tent_bn": Row("meta", "batch", "mabn+tent"),  # Table 4: MABN + TENT, update BN
-    "mabn_tent_affine": Row("meta", "source", "mabn+tent"),  # Table 4: MABN + TENT, affine
-    "mabn_unmatched": Row("meta", "source", "unmatched")}  # Table 3: another domain's phi~
-UNADAPTED = {"stage1": "stage1", "meta": "none", "meta0": "no_inner"}  # per start, its plain row
+    "stage1": Row("stage1", "source"),  # ablation: joint training, no adaptation
+    "bn_stats": Row("stage1", "support"),  # Schneider et al. 2020
+    "tent": Row("stage1", "batch", tent=True),  # TENT as published (Wang et al. 2021)
+    "no_meta": Row("stage1", "source", step=True),  # Fig. 5, ablation: no meta-training
+    "control": Row("control", "source"),  # stage 2 without its inner step (alpha = 0)
+    "stage2": Row("stage2", "source"),  # Table 3, ablation: no adaptation
+    "mabn": Row("stage2", "source", step=True),  # MABN; Table 3: matched; Table 4: update affine
+    "mabn_bn": Row("stage2", "support", step=True),  # Table 4: MABN, update BN
+    "tent_bn": Row("stage2", "batch", tent=True),  # Table 4: TENT, update BN
+    "tent_affine": Row("stage2", "source", tent=True),  # Table 4: TENT, update affine
+    "mabn_tent_bn": Row("stage2", "support", step=True, tent=True),  # Table 4: MABN + TENT
+    "mabn_tent_affine": Row("stage2", "source", step=True, tent=True),  # update BN / affine
+    "mabn_unmatched": Row("stage2", "source", step=True, other=True)}  # Table 3: unmatched
+assert all(ROWS[row.start] == Row(row.start, "source") for row in ROWS.values())  # plain rows
 
 def row_names(rows, ks):
     """{name: (row, k)}: row@k for each of several k if the row uses k images, else row."""
     names = {}
     for row in rows:
-        for k in sorted(ks) if ROWS[row].uses_support else [None]:
+        uses_support = ROWS[row].stats == "support" or ROWS[row].step
+        for k in sorted(ks) if uses_support else [None]:
             names[f"{row}@{k}" if k and len(ks) > 1 else row] = (row, k)
     return names
 
-def row_params(row, model, target, phis, frozen, support_x, augment_fn, inner_lr, inner_steps=1):
-    """The tensors `row` predicts a domain with, from phis[its start] and support_x (k, C, H, W)."""
-    start, stats, rule = ROWS[row]
-    phi = phis[start]
-    if stats == "support" or (stats == "batch" and rule == "mabn+tent"):  # MABN's "update BN"
+def row_params(row, model, target, phi, frozen, support_x, augment_fn, inner_lr, inner_steps=1):
+    """The tensors `row` predicts a domain with, from phi and support_x (k, C, H, W)."""
+    stats = ROWS[row].stats
+    if stats == "support":  # re-estimated on the k images, then fixed for the domain
         frozen = {**frozen, **reestimate_bn_stats(model, {**frozen, **phi}, support_x)}
-    if rule in MABN_RULES:
+    if stats == "batch":  # every batch its own, as TENT runs
+        frozen = {**frozen, **batch_statistics(model)}
+    if ROWS[row].step:
         phi = adapt_domain(model, phi, frozen, target, support_x, augment_fn, inner_lr, inner_steps)
-    if stats == "batch":  # TENT's "update BN" from here on
-        frozen = batch_statistics(frozen)
     return {**frozen, **{k: v.detach() for k, v in phi.items()}}
 
-# --- Data and backbones ---
+# --- Data, BYOL's views, backbones ---
 class Split:  # dataset[i] -> (x, y, ...); domains[i]: its domain
     def __init__(self, dataset, domains, name):
         self.dataset = dataset
@@ -327,11 +324,17 @@ def make_digits(size=16, n_source=24, n_val=4, n_test=8, per_domain=150, seed=0)
             out[split].append((part_img, y_all[part], torch.full((len(part),), d)))
     return {s: tuple(torch.cat(t) for t in zip(*parts)) for s, parts in out.items()}
 
-def resize(x, img_size):  # -> (C, img_size, img_size): uint8 photos, float arrays
+def resize(x, img_size, standardise=False):  # -> (C, img_size, img_size): uint8 photos, floats
     if torch.is_tensor(x):
         return F.interpolate(x[None].float(), (img_size,) * 2, mode="bilinear", antialias=True)[0]
     from torchvision.transforms.functional import pil_to_tensor
-    return pil_to_tensor(x.convert("RGB").resize((img_size,) * 2, 2, reducing_gap=3.0))  # bilinear
+    x = pil_to_tensor(x.convert("RGB").resize((img_size,) * 2, 2, reducing_gap=3.0))  # bilinear
+    if not standardise:
+        return x
+    # RxRx1: each channel to mean 0, std 1 (WILDS' transform), before the views' colour changes
+    x = x.float() / 255
+    std = x.std((1, 2), keepdim=True)
+    return (x - x.mean((1, 2), keepdim=True)) / torch.where(std > 0, std, 1.0)
 
 def scatter(src, index, dim=-1, dim_size=None, reduce="sum"):  # torch_scatter's, for wilds
     out = torch.zeros(dim_size, dtype=src.dtype, device=src.device)  # empty groups: 0
@@ -355,8 +358,7 @@ def load_wilds(args):
         try:
             return wilds.get_dataset(name, root_dir=args.root_dir, download=args.download, **kw)
         except (OSError, ValueError) as e:  # a failed download, missing files
-            sys.exit(f"error: {name} under {where} is incomplete ({type(e).__name__}: {e}); fetch "
-                     f"it by hand")
+            sys.exit(f"error: {name} under {where} is incomplete ({type(e).__name__}: {e})")
     if name == "domainnet":  # leave one out; validation on the sources' test sets
         objs = [get(source_domain=d, target_domain=args.target_domain) for d in DOMAINNET_DOMAINS
                 if d != args.target_domain]
@@ -366,32 +368,31 @@ def load_wilds(args):
         parts = {"train": [(objs[0], "train")], "val": [(objs[0], "val")]}
     parts["test"] = [(objs[0], "test")]
     grouper = CombinatorialGrouper(objs[0], args.domain_fields)
-    transform = functools.partial(resize, img_size=args.img_size)
+    standardise = args.norm == "per_image"
+    transform = functools.partial(resize, img_size=args.img_size, standardise=standardise)
     splits, metadata = {}, {}
     for split, pieces in parts.items():
         subsets = [o.get_subset(s, transform=transform) for o, s in pieces]
         metadata[split] = torch.cat([sub.metadata_array for sub in subsets])
         domains = grouper.metadata_to_group(metadata[split])
         splits[split] = Split(torch.utils.data.ConcatDataset(subsets), domains, split)
-    task = "regression" if name == "poverty" else "classification"
 
     def evaluate(split, outputs, labels):  # WILDS' metrics, and per domain
-        y_pred = outputs.argmax(-1) if task == "classification" else outputs.view(-1, 1)
+        y_pred = outputs.argmax(-1) if args.task == "classification" else outputs.view(-1, 1)
         y_true = labels.view(y_pred.shape).to(y_pred.dtype)
         official = objs[0].eval(y_pred, y_true, metadata[split.name])[0]
-        per_domain = domain_metrics(outputs, labels, split.domains, task)["per_domain"]
+        per_domain = domain_metrics(outputs, labels, split.domains, args.task)["per_domain"]
         return {**{k: float(v) for k, v in official.items()}, "per_domain": per_domain}
-    norm = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}.get(args.norm, args.norm)
-    return dict(splits=splits, n_outputs=1 if task == "regression" else objs[0].n_classes,
-                task=task, in_channels=8 if name == "poverty" else 3, norm=norm, evaluate=evaluate)
+    n_outputs = objs[0].n_classes if args.task == "classification" else 1
+    return dict(splits=splits, n_outputs=n_outputs, evaluate=evaluate)
 
-def load_data(args):  # -> dict(splits, n_outputs, task, in_channels, norm, evaluate)
+def load_data(args):  # -> dict(splits: {train, val, test}, n_outputs, evaluate)
     if args.dataset != "digits":
         return load_wilds(args)
     splits = {s: Split(torch.utils.data.TensorDataset(x.float() / 255, y), domains, s)
               for s, (x, y, domains) in make_digits(size=args.img_size).items() if s != "id_test"}
-    return dict(splits=splits, n_outputs=10, task="classification", in_channels=3, norm=args.norm,
-                evaluate=lambda split, outputs, y: domain_metrics(outputs, y, split.domains))
+    return dict(splits=splits, n_outputs=10, evaluate=lambda split, outputs, y: domain_metrics(
+        outputs, y, split.domains))
 
 def domain_metrics(outputs, labels, domains, task="classification"):
     """Accuracy of all images, of the worst domain, per domain; regression: per-domain MSE."""
@@ -404,36 +405,108 @@ def domain_metrics(outputs, labels, domains, task="classification"):
     return {"acc_avg": correct.mean().item(), "acc_wg": min(per_domain.values()),
             "per_domain": per_domain}
 
-def augment(x, gen, min_scale=0.6, max_rot=0.0, flip=True, jitter=0.4, noise=0.0):
-    """BYOL's views of x (B, C, H, W), on its device: each image its own crop, rotation, colour."""
-    B = x.shape[0]
+def hue_shift(x, shift):  # RGB (B, 3, H, W) in [0, 1], hue turned by shift (B, 1, 1) of a circle
+    value, top = x.max(1)  # HSV: value, and which channel is largest
+    delta = value - x.min(1).values
+    r, g, b = x.unbind(1)
+    safe = delta.clamp_min(1e-8)
+    hue = torch.where(top == 0, ((g - b) / safe) % 6, torch.where(top == 1, (b - r) / safe + 2,
+                                                                   (r - g) / safe + 4))
+    hue = (hue + 6 * shift) % 6  # in sixths of the circle
+    saturation = delta / value.clamp_min(1e-8)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    k = (n + hue[:, None]) % 6
+    return value[:, None] * (1 - saturation[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1)))
+
+def augment(x, gen, min_crop, colour, noise, blur_p, solarize_p):
+    """One of BYOL's views (Grill et al. 2020) of x (B, C, H, W), each image its own draw; colour:
+    "rgb" (photos in [0, 1]), "standardised" (per-channel gain and shift) or None."""
+    B, C, H, W = x.shape
 
     def rand(*shape):
         return torch.rand(*shape, generator=gen, device=x.device)
-    scale = min_scale + (1 - min_scale) * rand(B)  # random resized crop
-    angle = (2 * rand(B) - 1) * math.radians(max_rot)
-    shift = (2 * rand(B, 2) - 1) * (1 - scale)[:, None]
-    mirror = torch.where(rand(B) < 0.5, -1.0, 1.0) if flip else torch.ones(B, device=x.device)
-    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
-    theta = torch.stack([torch.stack([cos * mirror, -sin, shift[:, 0]], 1),
-                         torch.stack([sin * mirror, cos, shift[:, 1]], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, padding_mode="reflection", align_corners=False)
-    if jitter > 0:  # brightness, contrast and (for RGB) per-channel gain
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        contrast = 1 + jitter * (2 * rand(B, 1, 1, 1) - 1)
-        brightness = 1 + jitter * (2 * rand(B, 1, 1, 1) - 1)
-        gain = 1 + 0.5 * jitter * (2 * rand(B, 3, 1, 1) - 1) if x.shape[1] == 3 else 1.0
-        x = ((x - mean) * contrast + mean) * brightness * gain
+
+    def chance(p):  # (B, 1, 1, 1): True with probability p, per image
+        return (rand(B) < p).view(B, 1, 1, 1)
+
+    def uniform(lo, hi, *shape):  # (B, *shape)
+        return lo + (hi - lo) * rand(B, *shape)
+    # random resized crop: area min_crop..1, aspect 3/4..4/3 log-uniform, the first of 10 draws
+    # that fits, else the whole image (torchvision's); then a horizontal flip, p 0.5
+    area = min_crop + (1 - min_crop) * rand(10, B)
+    aspect = torch.exp(math.log(3 / 4) + math.log(16 / 9) * rand(10, B))
+    sides = torch.stack([(area * aspect).sqrt(), (area / aspect).sqrt()], -1)  # (10, B, 2)
+    fits = (sides <= 1).all(-1)
+    sides = torch.where(fits.any(0)[:, None], sides[fits.int().argmax(0), torch.arange(B)], 1.0)
+    centre = (2 * rand(B, 2) - 1) * (1 - sides)
+    mirror = torch.where(rand(B) < 0.5, -1.0, 1.0)
+    zero = torch.zeros(B, device=x.device)
+    theta = torch.stack([torch.stack([sides[:, 0] * mirror, zero, centre[:, 0]], 1),
+                         torch.stack([zero, sides[:, 1], centre[:, 1]], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta.to(x.dtype), [B, C, H, W], align_corners=False)
+    x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
+    if colour == "rgb":  # p 0.8: brightness, contrast, saturation, hue, each image its own order
+        factors = [uniform(0.6, 1.4, 1, 1, 1), uniform(0.6, 1.4, 1, 1, 1),
+                   uniform(0.8, 1.2, 1, 1, 1), uniform(-0.1, 0.1, 1, 1)]
+        order = torch.argsort(rand(B, 4), 1)
+        jittered = chance(0.8)
+
+        def grey(x):  # (B, 1, H, W)
+            return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+
+        def blend(x, f, base):  # torchvision's: f x + (1 - f) base, in [0, 1]
+            return (f * x + (1 - f) * base).clamp(0, 1)
+        ops = [lambda x, f: (f * x).clamp(0, 1),
+               lambda x, f: blend(x, f, grey(x).mean((2, 3), keepdim=True)),
+               lambda x, f: blend(x, f, grey(x)),
+               hue_shift]
+        for slot in range(4):
+            for i, (op, factor) in enumerate(zip(ops, factors)):
+                pick = jittered & (order[:, slot] == i).view(B, 1, 1, 1)
+                x = torch.where(pick, op(x, factor), x)
+        x = torch.where(chance(0.2), grey(x).expand(-1, 3, -1, -1), x)  # colour dropping
+    elif colour == "standardised":  # p 0.8: each channel's gain and shift, in its own units
+        gain, shift = uniform(0.6, 1.4, C, 1, 1), uniform(-0.4, 0.4, C, 1, 1)
+        x = torch.where(chance(0.8), x * gain + shift, x)
+    # Gaussian blur: BYOL's kernel of 10 % of the side, sigma 0.1..2 px at 224 px, scaled with H
+    radius = max(1, H // 20)
+    sigma = uniform(0.1, 2.0) * H / 224
+    taps = torch.exp(-torch.arange(-radius, radius + 1.0, device=x.device) ** 2
+                     / (2 * sigma[:, None] ** 2))
+    taps = (taps / taps.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B * C, 2 radius + 1)
+    blurred = F.pad(x.reshape(1, B * C, H, W), (radius,) * 4, mode="reflect")
+    blurred = F.conv2d(blurred, taps.view(B * C, 1, 1, -1), groups=B * C)
+    blurred = F.conv2d(blurred, taps.view(B * C, 1, -1, 1), groups=B * C)
+    x = torch.where(chance(blur_p), blurred.view(B, C, H, W), x)
+    if colour == "rgb":
+        x = torch.where(chance(solarize_p) & (x >= 0.5), 1 - x, x)
     if noise > 0:
         x = x + noise * torch.randn(x.shape, generator=gen, device=x.device)
     return x
 
-def normalizer(norm, channels):  # (B, C, H, W) -> normalised the dataset's way
+def byol_views(x, gen, min_crop=0.08, colour="rgb", noise=0.0):
+    """BYOL's two views: T (blur p 1, no solarisation), T' (blur p 0.1, solarisation p 0.2)."""
+    return (augment(x, gen, min_crop, colour, noise, blur_p=1.0, solarize_p=0.0),
+            augment(x, gen, min_crop, colour, noise, blur_p=0.1, solarize_p=0.2))
+
+def views_of(args, gen):  # the dataset's BYOL views, drawn from gen
+    return functools.partial(byol_views, gen=gen, min_crop=args.min_crop, **args.views)
+
+def turn_and_mirror(x, gen, turns):
+    """Each square image turned by a random multiple of 360 / turns degrees, then mirrored with
+    p 0.5 (turns 4: rot90 and flips; 2: horizontal and vertical flips)."""
+    B = x.shape[0]
+    k = torch.randint(0, turns, (B,), generator=gen, device=x.device) * (4 // turns)
+    for quarter in (1, 2, 3):
+        x = torch.where((k == quarter).view(B, 1, 1, 1), x.rot90(quarter, (2, 3)), x)
+    mirror = torch.rand(B, generator=gen, device=x.device) < 0.5
+    return torch.where(mirror.view(B, 1, 1, 1), x.flip(3), x)
+
+def normalizer(norm):  # (B, C, H, W) -> normalised the dataset's way, as the backbone's first layer
     import torchvision
-    if norm == "per_image":  # RxRx1: each image and channel standardised
-        return nn.InstanceNorm2d(channels)
-    return torchvision.transforms.Normalize(*norm) if norm else nn.Identity()  # (mean, std)
+    if norm in (None, "per_image"):  # PovertyMap's arrays; RxRx1: standardised as it is loaded
+        return nn.Identity()
+    return torchvision.transforms.Normalize(*norm)  # (mean, std)
 
 def build_backbone(name, in_channels, pretrained=False, width=16):
     """-> (images (B, C, H, W) -> features (B, d), d); small_resnet trains on two CPU cores."""
@@ -448,16 +521,15 @@ def build_backbone(name, in_channels, pretrained=False, width=16):
                   nn.ReLU(), block(width, width), halving(width, 2 * width),
                   halving(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         return nn.Sequential(*layers), 4 * width
-    arch = name.removesuffix("_8ch")  # resnet18_8ch: PovertyMap's, 8 bands
     try:
-        net = getattr(torchvision.models, arch)(weights="IMAGENET1K_V1" if pretrained else None)
+        net = getattr(torchvision.models, name)(weights="IMAGENET1K_V1" if pretrained else None)
     except Exception as e:  # offline
-        sys.exit(f"error: could not load ImageNet weights for {arch} ({type(e).__name__}); put "
+        sys.exit(f"error: could not load ImageNet weights for {name} ({type(e).__name__}); put "
                  f"them in the torch hub cache, or pass --no_pretrained for random weights")
-    last = "classifier" if arch == "densenet121" else "fc"
+    last = "classifier" if name == "densenet121" else "fc"
     dim = getattr(net, last).in_features
     setattr(net, last, nn.Identity())
-    if in_channels != 3:  # PovertyMap's 8 bands: RGB filters, their mean for the rest
+    if in_channels != 3:  # PovertyMap's 8 bands (ResNet): RGB filters, their mean for the rest
         rgb = net.conv1.weight.detach()  # (64, 3, 7, 7)
         net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
         extra = rgb.mean(1, keepdim=True).expand(-1, in_channels - 3, -1, -1)
@@ -466,18 +538,17 @@ def build_backbone(name, in_channels, pretrained=False, width=16):
     return net, dim
 
 def build_model(args, data, device):  # -> (MABNNet, its target)
-    net, feat_dim = build_backbone(args.backbone, data["in_channels"], args.pretrained)
-    backbone = nn.Sequential(normalizer(data["norm"], data["in_channels"]), net)
+    net, feat_dim = build_backbone(args.backbone, args.in_channels, args.pretrained)
+    backbone = nn.Sequential(normalizer(args.norm), net)
     model = MABNNet(backbone, feat_dim, data["n_outputs"], args.proj_hidden, args.proj_dim)
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model, make_target(model)
 
-# --- Loops: stage 3, checkpoints, stages 1 and 2, the pilot ---
+# --- Stage 3, checkpoints, the loop of stages 1 and 2, the pilots ---
 def support_sets(split, k, seed, how="random"):
-    """{domain: its k support images' indices}: at random per seed and domain (the paper), or the
-    first k (Meta-DMoE)."""
+    """{domain: k indices}: random per seed and domain (the paper), or the first k (Meta-DMoE)."""
     if how == "first":
         return {d: idx[:k] for d, idx in split.by_domain.items()}
     gens = {d: torch.Generator().manual_seed(2 * (1000 * seed + d)) for d in split.by_domain}
@@ -485,69 +556,62 @@ def support_sets(split, k, seed, how="random"):
             for d, idx in split.by_domain.items()}
 
 def evaluate(model, target, phis, data, split, rows, ks, args):
-    """Stage 3: each row adapts to every domain from its support set (at each k), then predicts it
-    in one pass. -> {name: metrics; per domain phi_shift, ||phi~ - phi|| / ||phi||, and changed,
-    the share of predictions unlike the plain row's}"""
+    """Stage 3: each row adapts to every domain from its support set (at each k), then predicts
+    it; one pass for all rows. phis: {start: phi}. -> {name: metrics, and per domain phi_shift
+    (||phi~ - phi|| / ||phi||) and changed (predictions unlike its start's plain row's)}"""
     device = next(model.parameters()).device
     model.eval()
     target.eval()
-    tent_rules = ("tent", "mabn+tent")  # entropy: classification only
     names = {name: (row, k) for name, (row, k) in row_names(rows, ks).items()
-             if data["task"] == "classification" or ROWS[row].rule not in tent_rules}
-    supports = {}  # each domain's support images, read once
-    if any(k for _, k in names.values()):
-        sets = support_sets(split, max(ks), args.seed, args.support)
-        loader = make_loader(split.dataset, args.num_workers, batch_sampler=list(sets.values()))
-        supports = {d: batch[0] for d, batch in zip(sets, loader)}
-        if min(map(len, sets.values())) < max(ks):
-            log(f"note: '{split.name}' has domains of fewer than {max(ks)} images: they use all")
+             if args.task == "classification" or not ROWS[row].tent}  # TENT: entropy
+    sets = support_sets(split, max(ks), args.seed, args.support)
+    uses_k = any(k for _, k in names.values())
+    if uses_k and min(map(len, sets.values())) < max(ks):
+        log(f"note: '{split.name}' has domains of fewer than {max(ks)} images: they use all")
     domains = list(split.by_domain)
-    swap = dict(zip(domains, domains[1:] + domains[:1]))  # Table 3: domains paired
+    following = dict(zip(domains, domains[1:] + domains[:1]))  # Table 3: the next domain's
     frozen = split_params(model)[1]
 
-    def start_domain(d):  # {name: (tensors, TENT's state or None, phi~)}
-        moved = {e: to_device(supports[e], device) for e in (d, swap[d])} if supports else {}
+    def start_domain(d):  # {name: (tensors to predict with, their phi~, TENT's state or None)}
+        moved = {e: to_device(torch.stack([split.dataset[i][0] for i in sets[e]]), device)
+                 for e in (d, following[d])} if uses_k else {}
         states = {}
         for name, (row, k) in names.items():
-            e = swap[d] if ROWS[row].rule == "unmatched" else d
+            e = following[d] if ROWS[row].other else d
             aug_gen = torch.Generator(device).manual_seed(2 * (1000 * args.seed + e) + 1)
-            params = row_params(row, model, target, phis, frozen, moved[e][:k] if k else None,
-                                functools.partial(augment, gen=aug_gen, **args.aug),
+            params = row_params(row, model, target, phis[ROWS[row].start], frozen,
+                                moved[e][:k] if k else None, views_of(args, aug_gen),
                                 args.inner_lr, args.inner_steps)
             phi = {n: params[n] for n in phis[ROWS[row].start]}
-            tent = tent_setup(phi, args.tent_lr) if ROWS[row].rule in tent_rules else None
-            states[name] = (params, tent, {**phi, **(tent[0] if tent else {})})
+            states[name] = (params, phi, tent_setup(phi, args.tent_lr) if ROWS[row].tent else None)
         return states
-
-    # one pass: the test batches, domain after domain
-    size = args.eval_batch_size
+    size = args.eval_batch_size  # one pass: the test batches, domain after domain
     batches = [idx[a:a + size] for idx in split.by_domain.values()
                for a in range(0, len(idx), size)]
     loader = make_loader(split.dataset, args.num_workers, batch_sampler=batches)
     outputs = {name: [] for name in names}
     labels = []
-    adapted = {name: {} for name in names}  # {name: {domain: phi~}}
+    adapted = {name: {} for name in names}  # {name: {domain: phi~ at the domain's end}}
     for idx, (x, y, *_) in tqdm(zip(batches, loader), total=len(batches),
                                 desc=f"stage 3 {split.name}", leave=False, disable=None):
         d = int(split.domains[idx[0]])
-        if idx[0] == split.by_domain[d][0]:  # a domain starts: every row adapts
+        if idx[0] == split.by_domain[d][0]:  # a domain starts: every row adapts to it
             states = start_domain(d)
-            for name, (_, _, phi) in states.items():
-                adapted[name][d] = phi  # TENT's leaves: moved by its steps
         x = to_device(x, device)
-        for name, (params, tent, _) in states.items():  # outputs stay on the device
+        for name, (params, phi, tent) in states.items():  # outputs stay on the device
             if tent:
                 outputs[name].append(tent_forward_and_adapt(model, params, *tent, x))
             else:
                 outputs[name].append(predict(model, params, x))
+            adapted[name][d] = {**phi, **(tent[0] if tent else {})}  # TENT's: after its steps
         labels.append(y)
-    inverse = torch.argsort(torch.tensor([i for idx in batches for i in idx]))  # the split's order
+    inverse = torch.argsort(torch.tensor([i for idx in batches for i in idx]))  # split's order
     outputs = {name: torch.cat(out).cpu()[inverse] for name, out in outputs.items()}
     results = {name: data["evaluate"](split, outputs[name], torch.cat(labels)[inverse])
                for name in names}
     for name, (row, _) in names.items():  # what adaptation changed
-        start, stats, rule = ROWS[row]
-        if (stats, rule) == ("source", None) or UNADAPTED[start] not in names:
+        start = ROWS[row].start
+        if ROWS[row] == ROWS[start] or start not in names:
             continue
         seen = [k for k in phis[start] if k.startswith("backbone.")]  # the part predictions use
         before = torch.cat([phis[start][k].flatten() for k in seen])
@@ -555,8 +619,8 @@ def evaluate(model, target, phis, data, split, rows, ks, args):
                   for d, phi in adapted[name].items()}
         results[name]["phi_shift"] = {d: (s.norm() / before.norm()).item()
                                       for d, s in shifts.items()}
-        if data["task"] == "classification":
-            changed = (outputs[name].argmax(-1) != outputs[UNADAPTED[start]].argmax(-1)).float()
+        if args.task == "classification":
+            changed = (outputs[name].argmax(-1) != outputs[start].argmax(-1)).float()
             results[name]["changed"] = {d: changed[split.domains == d].mean().item()
                                         for d in domains}
     return results
@@ -564,7 +628,7 @@ def evaluate(model, target, phis, data, split, rows, ks, args):
 STAGE_FLAGS = {  # what a stage's checkpoint depends on
     1: ("dataset", "seed", "epochs", "batch_size", "lr", "lr_decay_epoch", "weight_decay",
         "aux_weight", "ema", "max_steps", "img_size", "proj_hidden", "proj_dim", "pretrained",
-        "target_domain"),
+        "target_domain", "min_crop", "views", "turns"),
     2: ("meta_epochs", "n_support", "n_query", "meta_batch", "inner_lr", "outer_lr", "inner_steps",
         "first_order", "support")}
 
@@ -592,128 +656,114 @@ def load_checkpoint(path, flags):  # None if there is none; exits if unusable
                  f"--out_dir")
     return ckpt
 
+class NonFiniteLoss(SystemExit):  # a run stops with its message; a pilot is scored -inf
+    pass
+
 def mean_losses(losses, where, path):  # {name: mean} of an epoch's losses, read in ONE sync
     values = torch.stack([torch.stack(list(step.values())) for step in losses]).tolist()
     bad = [i for i, row in enumerate(values) if not all(map(math.isfinite, row))]
     if bad:
-        sys.exit(f"error: {where}, step {bad[0] + 1}: non-finite loss "
-                 f"{dict(zip(losses[0], values[bad[0]]))}; the last good checkpoint: {path}; "
-                 f"lower the learning rate")
+        raise NonFiniteLoss(f"error: {where}, step {bad[0] + 1}: non-finite loss "
+                            f"{dict(zip(losses[0], values[bad[0]]))}; the last good checkpoint: "
+                            f"{path}; lower the learning rate")
     return {k: sum(row[j] for row in values) / len(values) for j, k in enumerate(losses[0])}
 
-class StageRun:
-    """What stages 1 and 2 share around their loops: resuming from <out_dir>/<name>.pt; after each
-    epoch the loss check, validation, model selection, the log line, a checkpoint; finish()."""
-
-    def __init__(self, stage, name, model, target, opt, gens, data, args):
-        self.label = f"stage {stage}" if name == f"stage{stage}" else name
-        self.path = os.path.join(args.out_dir, f"{name}.pt")
-        names = [k for s in range(1, stage + 1) for k in STAGE_FLAGS[s]]
-        self.flags = {"format": 2, **{k: getattr(args, k) for k in names}}
-        if stage == 2:  # the k of its validation
-            self.flags["val_n_adapt"] = args.n_adapt[0]
-        self.model = model
-        self.target = target
-        self.opt = opt
-        self.gens = gens
-        self.data = data
-        self.args = args
-        self.val_row = "stage1" if stage == 1 else "mabn"
-        self.kept = set(model.state_dict() if stage == 1 else split_params(model)[0])
-        self.n_epochs = args.epochs if stage == 1 else args.meta_epochs
-        self.started = time.time()
-        self.images = 0
-        self.seconds = 0.0
-        fresh = dict(done=False, stage=stage, epoch=-1, steps=0, best_metric=-math.inf, best=None)
-        self.ckpt = load_checkpoint(self.path, self.flags) or fresh
-        for key in ("model", "target", "opt"):
-            if key in self.ckpt:
-                getattr(self, key).load_state_dict(self.ckpt[key])
-        for gen, state in zip(gens, self.ckpt.get("gens", [])):
+def run_stage(name, stage, model, target, opt, gens, data, args, batches, step, epoch_steps=None):
+    """The loop of stages 1 and 2, resumable from <out_dir>/<name>.pt. Per epoch: step(batch) ->
+    (losses, images) on batches(epoch), at most --max_steps in all; the loss check; validation;
+    the best epoch kept; the log line; the checkpoint (one format: the flags, counters, the best
+    epoch, and until done the state to resume). Leaves the model (stage 1: and the target) at
+    the best epoch. -> dict(steps, time_s, val, history, and img_per_s if it trained)"""
+    started = time.time()
+    label = f"stage {stage}" if name == f"stage{stage}" else name
+    path = os.path.join(args.out_dir, f"{name}.pt")
+    names = [k for s in range(1, stage + 1) for k in STAGE_FLAGS[s]]
+    flags = {"format": 4, **{k: getattr(args, k) for k in names}}
+    if stage == 2:  # the k of its validation; a pilot's short epochs
+        flags.update(val_n_adapt=args.n_adapt[0], epoch_steps=epoch_steps)
+    trained = dict(model=model, target=target) if stage == 1 else dict(model=model)
+    n_epochs, val_row = (args.epochs, "stage1") if stage == 1 else (args.meta_epochs, "mabn")
+    ckpt = load_checkpoint(path, flags) or dict(flags=flags, epoch=-1, steps=0, history=[],
+                                                best_metric=-math.inf, best=None, state=None)
+    if ckpt["state"] is not None:  # interrupted: resume after its last epoch
+        for key, part in {**trained, "opt": opt}.items():
+            part.load_state_dict(ckpt["state"][key])
+        for gen, state in zip(gens, ckpt["state"]["gens"]):
             gen.set_state(state)
-        if "model" in self.ckpt:
-            resume = "" if self.ckpt["done"] else f", resuming after epoch {self.ckpt['epoch'] + 1}"
-            log(f"{self.label}: loaded {self.path}{resume}")
-        self.steps = self.ckpt["steps"]
-
-    def epochs(self):  # the epochs still to run: none for a finished stage
-        return range(0) if self.ckpt["done"] else range(self.ckpt["epoch"] + 1, self.n_epochs)
-
-    def end_epoch(self, epoch, losses, n_images, t0):
-        means = mean_losses(losses, f"{self.label}, epoch {epoch + 1}", self.path) if losses else {}
+    if ckpt["epoch"] >= 0:
+        resume = f", resuming after epoch {ckpt['epoch'] + 1}" if ckpt["state"] else ""
+        log(f"{label}: loaded {path}{resume}")
+    images, seconds = 0, 0.0
+    for epoch in range(ckpt["epoch"] + 1, n_epochs):
+        t0 = time.time()
+        losses = []
+        epoch_images = 0
+        for batch in batches(epoch):
+            if ckpt["steps"] >= (args.max_steps or math.inf):
+                break
+            step_losses, n_images = step(batch)
+            losses.append(step_losses)
+            epoch_images += n_images
+            ckpt["steps"] += 1
+        means = mean_losses(losses, f"{label}, epoch {epoch + 1}", path) if losses else {}
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the epoch's time includes its GPU work
-        seconds = time.time() - t0
-        self.images += n_images
-        self.seconds += seconds
-        row = self.val_row
-        phis = {ROWS[row].start: split_params(self.model)[0]}
-        results = evaluate(self.model, self.target, phis, self.data, self.data["splits"]["val"],
-                           [row], self.args.n_adapt[:1], self.args)
-        val = results[row][self.args.val_metric]
-        if self.ckpt["best"] is None or val > self.ckpt["best_metric"]:
-            model = {k: v.detach().clone() for k, v in self.model.state_dict().items()
-                     if k in self.kept}
-            target = {k: v.detach().clone() for k, v in self.target.state_dict().items()}
-            self.ckpt.update(best_metric=val, best=dict(model=model, target=target))
+        epoch_seconds = time.time() - t0
+        images += epoch_images
+        seconds += epoch_seconds
+        phis = {ROWS[val_row].start: split_params(model)[0]}
+        val = evaluate(model, target, phis, data, data["splits"]["val"], [val_row],
+                       args.n_adapt[:1], args)[val_row][args.val_metric]
+        ckpt["history"].append(val)
+        if ckpt["best"] is None or val > ckpt["best_metric"]:
+            best = {key: {k: v.detach().clone() for k, v in part.state_dict().items()}
+                    for key, part in trained.items()}
+            ckpt.update(best_metric=val, best=best)
         losses_text = "".join(f"{k} {v:.4f} " for k, v in means.items())
-        log(f"{self.label} epoch {epoch + 1}/{self.n_epochs}: {losses_text}| "
-            f"{n_images / seconds:.0f} img/s | val {row} {self.args.val_metric} {val:.4f}")
-        self.ckpt.update(epoch=epoch, steps=self.steps)
-        if epoch + 1 < self.n_epochs:  # resumable; finish() saves the last epoch
-            states = {key: getattr(self, key).state_dict() for key in ("model", "target", "opt")}
-            gens = [gen.get_state() for gen in self.gens]
-            save_atomic(dict(self.ckpt, **states, gens=gens, flags=self.flags), self.path)
-
-    def finish(self):  # -> dict(steps, time_s, val, and img_per_s if it trained)
-        if not self.ckpt["done"]:
-            if self.ckpt["best"] is not None:  # the best epoch, with its target
-                self.model.load_state_dict(self.ckpt["best"]["model"], strict=False)
-                self.target.load_state_dict(self.ckpt["best"]["target"])
-            save_atomic(dict(done=True, stage=self.ckpt["stage"], steps=self.steps,
-                             model=self.model.state_dict(), target=self.target.state_dict(),
-                             best_metric=self.ckpt["best_metric"], flags=self.flags), self.path)
-        seconds = time.time() - self.started
-        out = dict(steps=self.steps, time_s=seconds, val=self.ckpt["best_metric"])
-        if self.seconds:
-            out["img_per_s"] = round(self.images / self.seconds, 1)
-        return out
+        speed = epoch_images / epoch_seconds
+        log(f"{label} epoch {epoch + 1}/{n_epochs}: {losses_text}| {speed:.0f} img/s | val "
+            f"{val_row} {args.val_metric} {val:.4f}")
+        state = {key: part.state_dict() for key, part in {**trained, "opt": opt}.items()}
+        state["gens"] = [gen.get_state() for gen in gens]
+        ckpt.update(epoch=epoch, state=None if epoch + 1 == n_epochs else state)  # None: done
+        save_atomic(ckpt, path)
+    for key, part in trained.items() if ckpt["best"] else ():
+        part.load_state_dict(ckpt["best"][key])
+    out = dict(steps=ckpt["steps"], time_s=time.time() - started, val=ckpt["best_metric"],
+               history=ckpt["history"])
+    if seconds:
+        out["img_per_s"] = round(images / seconds, 1)
+    return out
 
 def train_joint(model, target, data, args):
-    """Stage 1, Eq. (2): the whole network on the source domains mixed, Adam."""
+    """Stage 1, Eq. (2), on the sources mixed; the LR halves after --lr_decay_epoch (the paper)."""
     device = next(model.parameters()).device
     train = data["splits"]["train"]
-    # own generators for views and order, restored on resuming
-    aug_gen = torch.Generator(device).manual_seed(args.seed)
+    aug_gen = torch.Generator(device).manual_seed(args.seed)  # views and order: restored on resume
     order_gen = torch.Generator().manual_seed(args.seed)
-    augment_fn = functools.partial(augment, gen=aug_gen, **args.aug)
+    augment_fn = views_of(args, aug_gen)
     sampler = torch.utils.data.RandomSampler(train.dataset, generator=order_gen)
     loader = make_loader(train.dataset, args.num_workers, batch_size=args.batch_size,
                          sampler=sampler, drop_last=True)
     opt = torch.optim.Adam(model.parameters(), args.lr, weight_decay=args.weight_decay,
                            fused=device.type == "cuda")
-    run = StageRun(1, "stage1", model, target, opt, [aug_gen, order_gen], data, args)
-    for epoch in run.epochs():
-        t0 = time.time()
-        # the paper halves the LR after a fixed epoch
+
+    def batches(epoch):  # the epoch's LR, then its batches
         for group in opt.param_groups:
             group["lr"] = args.lr * (0.5 if epoch >= args.lr_decay_epoch else 1.0)
+        return tqdm(loader, desc=f"stage 1, epoch {epoch + 1}", leave=False, disable=None)
+
+    def step(batch):  # Eq. (2); the losses stay on the device
+        x, y = to_device(batch[0], device), batch[1].to(device, non_blocking=True)
+        if args.turns:  # RxRx1, PovertyMap: their sources' label-keeping flips and turns
+            x = turn_and_mirror(x, aug_gen, args.turns)
         model.train()
         target.train()
-        # Eq. (2) on every batch, the losses left on the device
-        losses = []
-        n_images = 0
-        for x, y, *_ in tqdm(loader, desc=f"stage 1, epoch {epoch + 1}", leave=False, disable=None):
-            if run.steps >= (args.max_steps or math.inf):
-                break
-            x, y = to_device(x, device), y.to(device, non_blocking=True)
-            loss_main, loss_aux = joint_step(model, target, opt, x, y, augment_fn, args.aux_weight,
-                                             args.ema, data["task"])
-            losses.append(dict(main=loss_main, aux=loss_aux))
-            n_images += len(x)
-            run.steps += 1
-        run.end_epoch(epoch, losses, n_images, t0)
-    return run.finish()
+        loss_main, loss_aux = joint_step(model, target, opt, x, y, augment_fn, args.aux_weight,
+                                         args.ema, args.task)
+        return dict(main=loss_main, aux=loss_aux), len(x)
+    return run_stage("stage1", 1, model, target, opt, [aug_gen, order_gen], data, args, batches,
+                     step)
 
 def meta_batches(split, args, n_steps, order_gen, device):
     """Stage 2's meta batches (Alg. 1): B distinct source domains of two images or more, each an
@@ -735,11 +785,14 @@ def meta_batches(split, args, n_steps, order_gen, device):
             yield meta_batch
             meta_batch = []
 
-def meta_steps_per_epoch(split, args):  # an epoch: each source image about once
-    return max(1, len(split.domains) // ((args.n_support + args.n_query) * args.meta_batch))
+def stage2_steps(split, args, epochs=None):  # outer steps: an epoch's (each image about once)
+    per_epoch = max(1, len(split.domains) // ((args.n_support + args.n_query) * args.meta_batch))
+    return per_epoch if epochs is None else min(epochs * per_epoch, args.max_steps or math.inf)
 
-def train_meta(model, target, data, args, name="stage2"):
-    """Stage 2, Alg. 1: weights and BN statistics frozen, phi learnt by meta_step (Eq. 3-4)."""
+def train_meta(model, target, data, args, name="stage2", epoch_steps=None):
+    """Stage 2, Alg. 1, on a copy of model: phi learnt by meta_step (Eq. 3-4), all else frozen;
+    epochs of epoch_steps outer steps (pilots), else of the data. -> (phi, the run's figures)"""
+    model = copy.deepcopy(model)
     device = next(model.parameters()).device
     train = data["splits"]["train"]
     phi, frozen = split_params(model)
@@ -749,101 +802,139 @@ def train_meta(model, target, data, args, name="stage2"):
     for p in phi.values():  # only phi learns (Eq. 4)
         p.requires_grad_(True)
     opt = torch.optim.Adam(phi.values(), lr=args.outer_lr, fused=device.type == "cuda")
-    run = StageRun(2, name, model, target, opt, [aug_gen, order_gen], data, args)
-    meta_kw = dict(augment_fn=functools.partial(augment, gen=aug_gen, **args.aug),
-                   inner_lr=args.inner_lr, aux_weight=args.aux_weight, inner_steps=args.inner_steps,
-                   first_order=args.first_order, task=data["task"])
+    meta_kw = dict(augment_fn=views_of(args, aug_gen), inner_lr=args.inner_lr,
+                   aux_weight=args.aux_weight, inner_steps=args.inner_steps,
+                   first_order=args.first_order, task=args.task)
     model.eval()  # BN: stage 1's source statistics, never updated
     target.eval()
-    for epoch in run.epochs():
-        t0 = time.time()
-        losses = []
-        n_images = 0
-        batches = meta_batches(train, args, meta_steps_per_epoch(train, args), order_gen, device)
-        for episodes in tqdm(batches, desc=f"{run.label}, epoch {epoch + 1}", leave=False,
-                             disable=None):
-            if run.steps >= (args.max_steps or math.inf):
-                break
-            # Eq. (3)-(4) on B episodes
-            modes = [m.training for m in (*model.modules(), *target.modules())]
-            assert not any(modes), "stage 2 needs BN in eval mode (its source statistics)"
-            step_losses = meta_step(model, phi, frozen, target, opt, episodes, **meta_kw)
-            losses.append(dict(zip(("meta", "main", "aux"), step_losses)))
-            n_images += sum(len(support_x) + len(query_x) for support_x, query_x, _ in episodes)
-            run.steps += 1
-        run.end_epoch(epoch, losses, n_images, t0)
-    return run.finish()
 
-ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # the pilot's grid for alpha (inner LR)
-DELTAS = (1e-4, 1e-3, 1e-2)  # and delta's; alpha's pilots use the last
+    def batches(epoch):
+        n_steps = epoch_steps or stage2_steps(train, args)
+        episodes = meta_batches(train, args, n_steps, order_gen, device)
+        return tqdm(episodes, desc=f"{name}, epoch {epoch + 1}", leave=False, disable=None)
+
+    def step(episodes):  # Eq. (3)-(4) on B episodes
+        modes = [m.training for m in (*model.modules(), *target.modules())]
+        assert not any(modes), "stage 2 needs BN in eval mode (its source statistics)"
+        losses = meta_step(model, phi, frozen, target, opt, episodes, **meta_kw)
+        n_images = sum(len(support_x) + len(query_x) for support_x, query_x, _ in episodes)
+        return dict(zip(("meta", "main", "aux"), losses)), n_images
+    out = run_stage(name, 2, model, target, opt, [aug_gen, order_gen], data, args, batches, step,
+                    epoch_steps)
+    return clone_phi(model), out
+
+def clone_phi(model):
+    return {k: v.detach().clone() for k, v in split_params(model)[0].items()}
+
+def with_flags(args, **changes):  # a copy of args with some flags changed
+    return argparse.Namespace(**{**vars(args), **changes})
+
+ALPHAS = (1e-3, 1e-2, 1e-1, 1.0)  # the candidates for alpha, Eq. (3)'s step
+DRIFT = 10.0  # delta x T: how far Adam may move a coordinate of phi in stage 2 [M] (README)
+PILOT_CHECKS = 4  # the validations of a pilot
+
+def validation_noise(checks):
+    """The sd of the checks around a straight line through each pilot's (its trend), pooled."""
+    squares, dof = 0.0, 0
+    for scores in checks:
+        if len(scores) < 3 or not all(map(math.isfinite, scores)):
+            continue
+        y = torch.tensor(scores, dtype=torch.float64)[:, None]
+        line = torch.stack([torch.ones(len(y)), torch.arange(len(y))], 1).double()
+        squares += (y - line @ torch.linalg.lstsq(line, y).solution).square().sum().item()
+        dof += len(y) - 2
+    return math.sqrt(squares / dof) if dof else 0.0
+
+def pilot(model, target, data, args, alpha, outer_lr, epoch_steps):
+    """A short stage 2 at (alpha, outer_lr): PILOT_CHECKS epochs of epoch_steps outer steps, each
+    validated; a non-finite loss scores -inf. -> dict(outer_lr, score: its best check, checks,
+    and on validation gain: mabn - stage2 (adapted - not), phi_shift: ||phi~ - phi|| / ||phi||)"""
+    trial = with_flags(args, inner_lr=alpha, outer_lr=outer_lr, meta_epochs=PILOT_CHECKS)
+    name = f"pilot_alpha{alpha:g}_delta{outer_lr:g}"
+    try:
+        phi, run = train_meta(model, target, data, trial, name, epoch_steps)
+    except NonFiniteLoss as e:  # the run goes on without this candidate
+        log(f"{name} diverged: {e}")
+        return dict(outer_lr=outer_lr, score=-math.inf, checks=[])
+    results = evaluate(model, target, {"stage2": phi}, data, data["splits"]["val"],
+                       ["stage2", "mabn"], args.n_adapt[:1], trial)
+    gain = results["mabn"][args.val_metric] - results["stage2"][args.val_metric]
+    return dict(outer_lr=outer_lr, score=run["val"], checks=run["history"], gain=gain,
+                phi_shift=mean(results["mabn"]["phi_shift"].values()))
 
 def choose_lrs(model, target, data, args):
-    """alpha and delta (unpublished) unless given, by validation: a pilot of --pilot_steps per
-    candidate, alpha on ALPHAS, then delta on DELTAS. The model's phi is stage 1's on return."""
-    stage1_phi = clone_phi(model)
-    n_steps = min(args.pilot_steps, args.max_steps or math.inf)
-    n_epochs = math.ceil(n_steps / meta_steps_per_epoch(data["splits"]["train"], args))
-    scores = {}
-
-    def score(alpha, delta):  # a pilot's best validation score
-        if (alpha, delta) not in scores:
-            trial = argparse.Namespace(**{**vars(args), "inner_lr": alpha, "outer_lr": delta,
-                                          "meta_epochs": n_epochs, "max_steps": n_steps})
-            name = f"pilot_alpha{alpha:g}_delta{delta:g}"
-            scores[alpha, delta] = train_meta(model, target, data, trial, name)["val"]
-            model.load_state_dict(stage1_phi, strict=False)
-        return scores[alpha, delta]
-    inner_lr = args.inner_lr
-    if inner_lr is None:  # the first best: on a tie, the smaller step
-        inner_lr = max(ALPHAS, key=lambda alpha: score(alpha, args.outer_lr or DELTAS[-1]))
-    outer_lr = args.outer_lr
-    if outer_lr is None:
-        outer_lr = max(DELTAS, key=lambda delta: score(inner_lr, delta))
-    tried = ", ".join(f"({a:g}, {d:g}) {val:.4f}" for (a, d), val in scores.items())
-    log(f"pilot: alpha {inner_lr:g}, delta {outer_lr:g}; scored {tried}")
-    candidates = [dict(inner_lr=a, outer_lr=d, score=val) for (a, d), val in scores.items()]
-    return dict(inner_lr=inner_lr, outer_lr=outer_lr, candidates=candidates)
+    """alpha and delta (unpublished) unless given. delta = DRIFT / T for stage 2's T outer steps:
+    Adam moves a coordinate of phi about delta a step, so DRIFT bounds how far stage 2 takes it
+    (and stage 2 keeps its best epoch). alpha by validation: a pilot per candidate, the first P
+    steps of that stage 2, and the largest alpha within the validation noise of the best, the
+    step that adapts most among those validation cannot tell apart (all diverged: the smallest).
+    The pilots take --pilot_share x T outer steps in all."""
+    n_steps = stage2_steps(data["splits"]["train"], args, args.meta_epochs)
+    outer_lr = args.outer_lr or DRIFT / max(1, n_steps)
+    if args.inner_lr is not None:
+        return dict(inner_lr=args.inner_lr, outer_lr=outer_lr, candidates=[])
+    epoch_steps = max(1, round(args.pilot_share * n_steps / len(ALPHAS) / PILOT_CHECKS))
+    tried = {alpha: pilot(model, target, data, args, alpha, outer_lr, epoch_steps)
+             for alpha in ALPHAS}
+    noise = validation_noise([c["checks"] for c in tried.values()])
+    finite = {a: c["score"] for a, c in tried.items() if c["score"] > -math.inf}
+    best = max(finite.values(), default=-math.inf)
+    within = [a for a, score in finite.items() if score >= best - noise]
+    inner_lr = max(within) if within else ALPHAS[0]
+    for alpha, c in tried.items():
+        effect = (f"mabn - stage2 {c['gain']:+.4f}, ||phi~ - phi|| / ||phi|| {c['phi_shift']:.2%}"
+                  if "gain" in c else "diverged")
+        log(f"pilot alpha {alpha:g}: val {c['score']:.4f}, {effect}")
+    log(f"pilot: {len(tried)} pilots of {PILOT_CHECKS * epoch_steps} outer steps for a stage 2 of "
+        f"{n_steps}; validation noise {noise:.4f} (sd around each pilot's trend); alpha "
+        f"{inner_lr:g}, delta {outer_lr:.3g}")
+    return dict(inner_lr=inner_lr, outer_lr=outer_lr, noise=noise, stage2_steps=n_steps,
+                pilot_steps=PILOT_CHECKS * epoch_steps,
+                candidates=[dict(inner_lr=a, **c) for a, c in tried.items()])
 
 # --- Flags with per-dataset defaults, and main ---
-# Sources: [P] paper, [D] Meta-DMoE, [B] byol-pytorch, [T] TENT, [M] measured (README), [*] ours
-RGB_AUG = dict(min_scale=0.6, max_rot=0.0, flip=True, jitter=0.4, noise=0.0)  # [*] BYOL's views
-ROTATED = dict(RGB_AUG, min_scale=0.8, max_rot=180.0)  # [*] tissue, cells, PovertyMap: any angle
+# Sources: [P] the paper, [G] BYOL's paper (the views the paper adopts), [D] Meta-DMoE's code,
+# [W] WILDS' baseline code, [B] byol-pytorch, [T] TENT's code, [M] measured (README), [*] ours
 BASE = dict(  # every dataset's unless overridden
-    backbone="resnet50", img_size=224, pretrained=True, norm="imagenet", n_adapt=[32],  # [P]
+    backbone="resnet50", img_size=224, pretrained=True, n_adapt=[32],  # [P]
+    norm=((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # [P] ImageNet weights: their inputs
+    task="classification", in_channels=3,  # [P]
     val_metric="acc_avg", aux_weight=0.1, lr_decay_epoch=20, meta_epochs=10, inner_steps=1,  # [P]
     proj_hidden=4096, proj_dim=256,  # [P]
-    weight_decay=0.0, n_support=64, n_query=48,  # [D]
+    n_support=None,  # [P] k, as the test adapts (the slides' "protocol alignment via simulation")
+    min_crop=0.08, views=dict(colour="rgb"),  # [G]
+    weight_decay=0.0, n_query=48,  # [D]
     ema=0.99,  # [B]
     tent_lr=1e-3,  # [T]
-    meta_batch=1, pilot_steps=100,  # [M]
-    eval_batch_size=128, aug=RGB_AUG, domain_fields=None)  # [*]
+    meta_batch=1,  # [M]
+    pilot_share=0.1, turns=0, eval_batch_size=128, domain_fields=None)  # [*]
 DATASETS = {
     "digits": dict(  # offline, for two CPU cores [*]
         BASE, backbone="small_resnet", img_size=16, norm=((0.5,) * 3, (0.25,) * 3),
-        pretrained=False, batch_size=64, lr=2e-3, epochs=10, lr_decay_epoch=7, meta_epochs=6,
-        n_support=32, n_query=32, proj_hidden=256, proj_dim=64, eval_batch_size=50,
-        aug=dict(RGB_AUG, min_scale=0.7, max_rot=15.0, flip=False, noise=0.05)),
+        pretrained=False, batch_size=64, lr=2e-3, epochs=10, lr_decay_epoch=7, n_query=32,
+        proj_hidden=256, proj_dim=64, eval_batch_size=50),
     "iwildcam": dict(
         BASE, img_size=448, n_adapt=[12], domain_fields=["location"],  # [P]
         val_metric="F1-macro_all",  # [P]
-        batch_size=16, lr=3e-5, epochs=12, n_support=24, n_query=16,  # [D]
+        batch_size=16, lr=3e-5, epochs=12, n_query=16,  # [D]
         eval_batch_size=64),  # [*]
     "camelyon17": dict(
         BASE, backbone="densenet121", img_size=96, domain_fields=["slide"],  # [P]
         batch_size=32, lr=1e-3, epochs=5, weight_decay=1e-2, n_query=32,  # [D]
-        eval_batch_size=256, aug=ROTATED),  # [*]
+        eval_batch_size=256),  # [*]
     "rxrx1": dict(
         BASE, img_size=256, domain_fields=["experiment"], norm="per_image",  # [P]
-        batch_size=75, lr=1e-4, epochs=90, weight_decay=1e-5, n_support=75,  # [D]
-        eval_batch_size=150, aug=dict(ROTATED, jitter=0.2)),  # [*]
+        batch_size=75, lr=1e-4, epochs=90, weight_decay=1e-5, turns=4,  # [D]
+        eval_batch_size=150, views=dict(colour="standardised")),  # [*]
     "fmow": dict(
         BASE, backbone="densenet121", domain_fields=["region", "year"],  # [P]
         val_metric="acc_worst_region",  # [P]
         batch_size=64, lr=1e-4, epochs=20),  # [D]
     "poverty": dict(
-        BASE, backbone="resnet18_8ch", domain_fields=["country"], val_metric="r_wg",  # [P]
-        norm=None, batch_size=64, lr=1e-3, epochs=50,  # [*], as are BASE's [D] values here
-        aug=dict(ROTATED, jitter=0.0, noise=0.02)),  # [*]
+        BASE, backbone="resnet18", in_channels=8, task="regression",  # [P]
+        domain_fields=["country"], val_metric="r_wg",  # [P]
+        norm=None, batch_size=64, lr=1e-3, epochs=200, turns=2,  # [W]
+        views=dict(colour=None, noise=0.1)),  # [*], as are BASE's [D] values here
     "domainnet": dict(
         BASE, domain_fields=["domain"],  # [P]
         batch_size=32, lr=1e-4, epochs=10),  # [*], as are BASE's backbone, img_size, [D]
@@ -880,11 +971,12 @@ def parse_args(argv=None):
     flag("--target_domain", default="real", choices=DOMAINNET_DOMAINS, help="DomainNet's target")
     flag("--out_dir", help="checkpoints, log.txt, results.json (%(default)s: runs/<dataset>)")
     flag("--seeds", type=int, nargs="+", default=[0], help="the table: mean ± std")
-    flag("--methods", nargs="+", default=["stage1", "none", "mabn"], metavar="ROW",
+    flag("--methods", nargs="+", default=["stage1", "stage2", "mabn"], metavar="ROW",
          choices=[*ROWS, "all"], help=f"stage 3's rows: all, or of {', '.join(ROWS)}")
     flag("--support", default="random", choices=["random", "first"], help="a domain's k images")
     flag("--inner_lr", type=rate0, help="alpha, Eq. (3)'s step (%(default)s: the pilot's)")
-    flag("--outer_lr", type=rate, help="delta, Eq. (4)'s Adam LR (%(default)s: the pilot's)")
+    flag("--outer_lr", type=rate,
+         help=f"delta, Eq. (4)'s Adam LR (%(default)s: {DRIFT:g} / stage 2's outer steps)")
     flag("--first_order", action="store_true", help="drop Eq. (4)'s second-order term")
     flag("--num_workers", type=count0, help="loader workers (%(default)s: 0 for digits, cores - 1)")
     flag("--max_steps", type=count, help="a cap on each training stage's steps")
@@ -900,11 +992,12 @@ def parse_args(argv=None):
     tuned("--proj_hidden", type=count, help="BYOL's hidden width")
     tuned("--proj_dim", type=count, help="BYOL's projection width")
     tuned("--meta_epochs", type=count0, help="stage 2's epochs")
-    tuned("--n_support", type=count, help="an episode's support images")
+    tuned("--n_support", type=count, help="an episode's support images (None: k)")
     tuned("--n_query", type=count, help="an episode's query images")
     tuned("--meta_batch", type=count, help="B, Alg. 1's episodes per outer step")
     tuned("--inner_steps", type=count, help="Eq. (3)'s steps, stages 2 and 3")
-    tuned("--pilot_steps", type=count, help="a pilot's outer steps")
+    tuned("--pilot_share", type=rate, help="the pilots' outer steps, as a share of stage 2's")
+    tuned("--min_crop", type=rate, help="BYOL's crop: the least share of the image's area")
     tuned("--tent_lr", type=rate, help="TENT's Adam LR")
     tuned("--eval_batch_size", type=count, help="stage 3's (TENT's test) batch size")
     tuned("--img_size", type=count, help="the input's side in pixels")
@@ -912,23 +1005,23 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.ema >= 1:
         p.error(f"argument --ema: must be in [0, 1), got {args.ema}")
+    if args.meta_epochs == 0 and args.inner_lr is None:
+        p.error("argument --meta_epochs: 0 trains no stage 2 to choose alpha with; pass --inner_lr")
     # values computed at run time
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.n_support = args.n_support or args.n_adapt[0]  # as the test adapts
     if args.num_workers is None:  # WILDS decodes images in workers
         cores = len(os.sched_getaffinity(0))
         args.num_workers = 0 if args.dataset == "digits" else max(1, min(16, cores - 1))
     chosen = set(ROWS) if "all" in args.methods else set(args.methods)
-    chosen |= {UNADAPTED[ROWS[row].start] for row in chosen}  # each start's plain row: "changed"
+    chosen |= {ROWS[row].start for row in chosen}  # each start's plain row, for "changed"
     args.methods = [row for row in ROWS if row in chosen]  # in ROWS' order
     args.out_dir = args.out_dir or os.path.join("runs", args.dataset)
     args.seed = args.seeds[0]
     return args
 
-def clone_phi(model):
-    return {k: v.detach().clone() for k, v in split_params(model)[0].items()}
-
 def run_seed(args, data):
-    """The pipeline for args.seed (args: the seed's copy; it takes the pilot's alpha and delta)."""
+    """Stage 1, the pilots, the control, stage 2, stage 3 for args.seed -> its results.json."""
     torch.manual_seed(args.seed)
     model, target = build_model(args, data, torch.device(args.device))
     stages = {"stage1": train_joint(model, target, data, args)}
@@ -936,16 +1029,12 @@ def run_seed(args, data):
     t0 = time.time()
     pilot = choose_lrs(model, target, data, args)
     stages["pilot"] = dict(time_s=time.time() - t0)
-    vars(args).update(inner_lr=pilot["inner_lr"], outer_lr=pilot["outer_lr"])
-    # the control: stage 2 from stage 1's phi at alpha = 0 (first order: the same gradient)
-    if "no_inner" in args.methods:
-        control = argparse.Namespace(**{**vars(args), "inner_lr": 0.0, "first_order": True})
-        stages["stage2_alpha0"] = train_meta(model, target, data, control, "stage2_alpha0")
-        phis["meta0"] = clone_phi(model)
-        model.load_state_dict(phis["stage1"], strict=False)
-    stages["stage2"] = train_meta(model, target, data, args)
-    phis["meta"] = split_params(model)[0]
-    t0 = time.time()  # stage 3
+    args = with_flags(args, inner_lr=pilot["inner_lr"], outer_lr=pilot["outer_lr"])
+    if "control" in args.methods:  # alpha = 0: first order is the same gradient
+        control = with_flags(args, inner_lr=0.0, first_order=True)
+        phis["control"], stages["control"] = train_meta(model, target, data, control, "control")
+    phis["stage2"], stages["stage2"] = train_meta(model, target, data, args)
+    t0 = time.time()
     test = data["splits"]["test"]
     results = evaluate(model, target, phis, data, test, args.methods, args.n_adapt, args)
     seconds = time.time() - t0
@@ -977,7 +1066,7 @@ def summarize(per_seed, ks):
     many = len(per_seed) > 1
     width = max(map(len, metrics)) + (10 if many else 2)
     seeds = f"{len(per_seed)} seeds: mean ± std" if many else "1 seed"
-    log(f"\n{'row':<24}{'from':>7}{'stats':>8}" + "".join(f"{m:>{width}}" for m in metrics)
+    log(f"\n{'row':<24}{'from':>8}{'stats':>8}" + "".join(f"{m:>{width}}" for m in metrics)
         + f"   (target domains, split 'test', {seeds})")
     names = row_names(ROWS, ks)
     summary = {}
@@ -987,8 +1076,8 @@ def summarize(per_seed, ks):
                          for m, v in values.items()}
         cells = [f"{avg:.4f} ± {std:.3f}" if many else f"{avg:.4f}"
                  for avg, std in summary[name].values()]
-        start, stats, _ = ROWS[names[name][0]]
-        log(f"{name:<24}{start:>7}{stats:>8}" + "".join(f"{c:>{width}}" for c in cells))
+        row = ROWS[names[name][0]]
+        log(f"{name:<24}{row.start:>8}{row.stats:>8}" + "".join(f"{c:>{width}}" for c in cells))
     for k in sorted(ks):
         at_k = {row: name for name, (row, k_row) in names.items() if k_row in (k, None)}
         pairs = [[summary.get(at_k[row]) for row in pair] for pair in GRID.values()]
@@ -999,8 +1088,7 @@ def summarize(per_seed, ks):
     return summary
 
 def main(args, data=None):
-    """Every seed in <out_dir>/seed<k>/ (finished stages reused), then the table over seeds.
-    `data` (as load_data returns it) replaces --dataset's."""
+    """Every seed in <out_dir>/seed<k>/ (reusing finished stages), the table; data: load_data's."""
     torch.backends.cudnn.benchmark = args.device == "cuda"  # fixed training shapes
     t0 = time.time()
     data = load_data(args) if data is None else data  # missing data stops here, before any write
@@ -1020,8 +1108,7 @@ def main(args, data=None):
     log(f"data ({data_s:.1f} s): " + ", ".join(sizes))
     per_seed = []
     for seed in args.seeds:
-        seed_args = argparse.Namespace(**{**vars(args), "seed": seed})
-        seed_args.out_dir = os.path.join(args.out_dir, f"seed{seed}")
+        seed_args = with_flags(args, seed=seed, out_dir=os.path.join(args.out_dir, f"seed{seed}"))
         os.makedirs(seed_args.out_dir, exist_ok=True)
         per_seed.append(run_seed(seed_args, data))
     summary = summarize(per_seed, args.n_adapt)
