@@ -463,7 +463,7 @@ def augment(x, gen, min_crop, colour, noise, blur_p, solarize_p):
         for slot in range(4):
             for i, (op, factor) in enumerate(zip(ops, factors)):
                 pick = jittered & (order[:, slot] == i).view(B, 1, 1, 1)
-                x = torch.where(pick, op(x, factor), x)
+                x = torch.where(pick, op(x, factor), x)  # all images: a mask, no host sync
         x = torch.where(chance(0.2), grey(x).expand(-1, 3, -1, -1), x)  # colour dropping
     elif colour == "standardised":  # p 0.8: each channel's gain and shift, in its own units
         gain, shift = uniform(0.6, 1.4, C, 1, 1), uniform(-0.4, 0.4, C, 1, 1)
@@ -570,11 +570,13 @@ def evaluate(model, target, phis, data, split, rows, ks, args):
         log(f"note: '{split.name}' has domains of fewer than {max(ks)} images: they use all")
     domains = list(split.by_domain)
     following = dict(zip(domains, domains[1:] + domains[:1]))  # Table 3: the next domain's
+    unmatched = any(ROWS[row].other for row, _ in names.values())
     frozen = split_params(model)[1]
 
     def start_domain(d):  # {name: (tensors to predict with, their phi~, TENT's state or None)}
+        needed = (d, following[d]) if unmatched else (d,)  # each support set read once
         moved = {e: to_device(torch.stack([split.dataset[i][0] for i in sets[e]]), device)
-                 for e in (d, following[d])} if uses_k else {}
+                 for e in needed} if uses_k else {}
         states = {}
         for name, (row, k) in names.items():
             e = following[d] if ROWS[row].other else d
